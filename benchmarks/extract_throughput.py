@@ -1,0 +1,149 @@
+"""Extraction throughput, measured side by side in one run on the same images.
+
+    python benchmarks/extract_throughput.py [--n 2048] [--backbone efficientnet_lite0]
+                                            [--image-size 224] [--repeats 3]
+
+Prints images/s for
+  (a) ceiling   the model alone on preloaded, preprocessed tensors (same precision/layout as ours)
+  (b) ours      `embedcache.extract(...)` end to end from PNG files into a fresh cache entry
+  (c) tutorial  the torchvision-tutorial loop: ImageFolder + Compose, fp32, NCHW, batch 32
+and the ratios b/a and b/c (medians over --repeats). Images are Fashion-MNIST test images written
+as PNG class folders (apt-get install dataset-fashion-mnist), or random images with --synthetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import embedcache
+from embedcache.backbones import get_backbone
+from embedcache.extract import default_workers, resolve_device, resolve_precision
+from embedcache.preprocess import normalize_batch, to_uint8_tensor
+
+FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
+
+
+def write_images(dest: Path, n: int, synthetic: bool) -> None:
+    if synthetic:
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            folder = dest / f"class{i % 10}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i:06d}.png")
+        return
+    from embedcache.data import open_source, write_image_folder
+
+    source = open_source(f"torchvision:FashionMNIST:{FASHION_ROOT}")
+    write_image_folder(source, dest, limit_per_split={2: n})  # test split only, stratified
+
+
+def image_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.png"))
+
+
+def time_ceiling(bb, files: list[Path], batch_size: int, device, precision: str) -> float:
+    """Model-only: every image decoded and preprocessed beforehand; only forward passes timed."""
+    batch = torch.stack([to_uint8_tensor(Image.open(f).convert("RGB"), bb.preprocess) for f in files])
+    model = bb.module.to(device).to(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        model(normalize_batch(batch[:batch_size].to(device), bb.preprocess).contiguous(memory_format=torch.channels_last))  # warm-up
+        started = time.perf_counter()
+        for start in range(0, len(files), batch_size):
+            x = normalize_batch(batch[start : start + batch_size].to(device), bb.preprocess)
+            model(x.contiguous(memory_format=torch.channels_last)).float().cpu()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return len(files) / (time.perf_counter() - started)
+
+
+def time_ours(root: Path, args, workers: int) -> tuple[float, dict]:
+    with tempfile.TemporaryDirectory() as cache:
+        started = time.perf_counter()
+        store = embedcache.extract(root, backbone=args.backbone, image_size=args.image_size,
+                                   batch_size=args.batch_size, workers=workers, cache_dir=cache)
+        seconds = time.perf_counter() - started
+    assert not store.cache_hit
+    return len(store) / seconds, store.stats
+
+
+def time_tutorial(root: Path, bb, workers: int, device) -> float:
+    """The loop most tutorials teach (and our seeds use): ImageFolder + Compose, fp32, NCHW, 32."""
+    from torchvision import datasets, transforms
+
+    spec = bb.preprocess
+    transform = transforms.Compose([
+        transforms.Resize(spec.resize_size),
+        transforms.CenterCrop(spec.crop_size),
+        transforms.ToTensor(),
+        transforms.Normalize(spec.mean, spec.std),
+    ])
+    started = time.perf_counter()
+    dataset = datasets.ImageFolder(str(root), transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=False, num_workers=workers)
+    model = bb.module.to(device)
+    feats = []
+    with torch.no_grad():
+        for x, _ in loader:
+            feats.append(model(x.to(device)).cpu())
+    torch.cat(feats)
+    return len(dataset) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2048)
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--synthetic", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    precision = resolve_precision("auto", device)
+    workers = default_workers() if args.workers is None else args.workers
+    bb = get_backbone(args.backbone, image_size=args.image_size)
+    results: dict[str, list[float]] = {"ceiling": [], "ours": [], "tutorial": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "images"
+        write_images(root, args.n, args.synthetic)
+        files = image_files(root)
+        for _ in range(args.repeats):
+            results["ceiling"].append(time_ceiling(bb, files, args.batch_size, device, precision))
+            rate, stats = time_ours(root, args, workers)
+            results["ours"].append(rate)
+            results["tutorial"].append(time_tutorial(root, bb, workers, device))
+    med = {k: statistics.median(v) for k, v in results.items()}
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"torch {torch.__version__}, device {device}, precision {precision}")
+    print(f"machine: {machine}")
+    print(f"images: {len(files)} PNG files, backbone {args.backbone} at {bb.preprocess.crop_size}px, "
+          f"batch {args.batch_size}, workers {workers}, repeats {args.repeats} (median)")
+    for name, label in (("ceiling", "(a) model only, preloaded"), ("ours", "(b) embedcache extract, end to end"),
+                        ("tutorial", "(c) tutorial loop, fp32 NCHW b32")):
+        runs = ", ".join(f"{r:.0f}" for r in results[name])
+        print(f"{label:<40} {med[name]:8.1f} img/s   runs: {runs}")
+    print(f"b/a = {med['ours'] / med['ceiling']:.2f}   b/c = {med['ours'] / med['tutorial']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "runs": results, "median": med,
+                                         "b_over_a": med["ours"] / med["ceiling"],
+                                         "b_over_c": med["ours"] / med["tutorial"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

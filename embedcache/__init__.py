@@ -1,0 +1,59 @@
+"""embedcache: extract image features once with a frozen pretrained backbone, cache them in
+HDF5, and train linear heads on the cached features in seconds.
+
+Public API::
+
+    import embedcache
+    store = embedcache.extract("data/flowers", backbone="efficientnet_lite0")
+    store.features, store.labels, store.splits      # numpy arrays
+"""
+
+from embedcache.backbones import (
+    Backbone,
+    BackboneParts,
+    get_backbone,
+    list_backbones,
+    register_backbone,
+)
+from embedcache.errors import (
+    CacheError,
+    CacheLockedError,
+    ConfigError,
+    DataSourceError,
+    DecodeError,
+    EmbedcacheError,
+    TooManyErrorsError,
+    UnknownBackboneError,
+    WeightsError,
+)
+from embedcache.preprocess import PreprocessSpec
+from embedcache.store import FeatureStore
+
+__version__ = "0.1.0"
+
+# Imported after __version__ (extract records it). Binding the function name here, after the
+# submodule import, makes `embedcache.extract` the function, as the public API promises.
+from embedcache.data import open_source  # noqa: E402
+from embedcache.extract import extract  # noqa: E402
+
+__all__ = [
+    "Backbone",
+    "BackboneParts",
+    "CacheError",
+    "CacheLockedError",
+    "ConfigError",
+    "DataSourceError",
+    "DecodeError",
+    "EmbedcacheError",
+    "FeatureStore",
+    "PreprocessSpec",
+    "TooManyErrorsError",
+    "UnknownBackboneError",
+    "WeightsError",
+    "__version__",
+    "extract",
+    "get_backbone",
+    "list_backbones",
+    "open_source",
+    "register_backbone",
+]

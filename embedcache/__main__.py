@@ -1,0 +1,4 @@
+"""`python -m embedcache` entry point."""
+from embedcache.cli import main
+
+main()

