@@ -787,7 +787,11 @@ def collate_images(items) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, s
     good = [(i, t) for i, t, _ in items if t is not None]
     failures = [(int(i), msg) for i, t, msg in items if t is None]
     indices = torch.tensor([i for i, _ in good], dtype=torch.long)
-    batch = torch.stack([t for _, t in good]) if good else torch.empty((0, 3, 0, 0), dtype=torch.uint8)
+    if not good:
+        return indices, torch.empty((0, 3, 0, 0), dtype=torch.uint8), failures
+    # Stack as (M, H, W, 3) and view as (M, 3, H, W): the batch is channels_last in memory, the
+    # layout the model runs in, so no reordering copy is needed later.
+    batch = torch.stack([t.permute(1, 2, 0) for _, t in good]).permute(0, 3, 1, 2)
     return indices, batch, failures
 
 

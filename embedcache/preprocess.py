@@ -102,6 +102,8 @@ class PreprocessSpec:
 def to_uint8_tensor(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
     """Resize the shorter side, centre-crop and return a ``(3, crop, crop)`` uint8 tensor.
 
+    The tensor is a channels-last view (HWC memory), which is what the model consumes.
+
     Args:
         image: a decoded RGB PIL image.
         spec: the backbone's preprocessing spec.
@@ -121,8 +123,9 @@ def to_uint8_tensor(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
     top = int(round((height - crop) / 2.0))
     if (left, top, crop, crop) != (0, 0, width, height):
         image = image.crop((left, top, left + crop, top + crop))
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    array = np.array(image, dtype=np.uint8)  # a writable copy, (H, W, 3)
+    # (3, H, W) view of HWC memory: channels_last layout, kept through collation (no copy).
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def normalize_batch(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:

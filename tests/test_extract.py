@@ -209,3 +209,64 @@ def test_no_hold_out_source_gets_a_recorded_split(tmp_path):
     store = run(root, tmp_path / "c", test_fraction=0.2, val_fraction=0.1)
     counts = np.bincount(store.splits, minlength=3)
     assert counts[2] == 4 and counts[1] == 2 and counts[0] == 14
+
+
+def _messy_folder(root: Path) -> dict[str, np.ndarray]:
+    """odd/<name>: awkward-but-valid files; ref/<name>.png: the RGB each must decode to.
+    Plus bad files that must be recorded and skipped."""
+    from PIL import Image
+
+    odd, ref = root / "odd", root / "ref"
+    odd.mkdir(parents=True)
+    ref.mkdir()
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    expected = {}
+
+    Image.fromarray(base).convert("CMYK").save(odd / "cmyk.tif")
+    expected["cmyk"] = np.asarray(Image.fromarray(base).convert("CMYK").convert("RGB"))
+    gray = base[..., 0]
+    Image.fromarray(gray.astype(np.uint16) * 257).save(odd / "sixteen.png")
+    expected["sixteen"] = np.repeat(gray[..., None], 3, axis=2)
+    alpha = rng.integers(0, 256, (24, 32), dtype=np.uint8)
+    Image.fromarray(np.dstack([base, alpha]), "RGBA").save(odd / "rgba.png")
+    a = alpha[..., None].astype(np.float64) / 255
+    expected["rgba"] = np.asarray(
+        Image.alpha_composite(Image.new("RGBA", (32, 24), (255,) * 4),
+                              Image.fromarray(np.dstack([base, alpha]), "RGBA")).convert("RGB"))
+    assert np.abs(expected["rgba"] - (base * a + 255 * (1 - a))).max() <= 1
+    pal = Image.fromarray(base).quantize(colors=16)
+    pal.info["transparency"] = 0
+    pal.save(odd / "palette.png", transparency=0)
+    expected["palette"] = np.asarray(
+        Image.alpha_composite(Image.new("RGBA", (32, 24), (255,) * 4), pal.convert("RGBA")).convert("RGB"))
+    rotated = Image.fromarray(base)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    rotated.save(odd / "exif.png", exif=exif)
+    expected["exif"] = np.asarray(Image.fromarray(base).transpose(Image.Transpose.ROTATE_270))
+    frames = [Image.fromarray(np.full((24, 32, 3), v, np.uint8)) for v in (40, 200)]
+    frames[0].save(odd / "anim.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    expected["anim"] = np.full((24, 32, 3), 40, np.uint8)
+    for name, array in expected.items():
+        Image.fromarray(array).save(ref / f"{name}.png")
+
+    jpeg = odd / "truncated.jpg"
+    Image.fromarray(base).save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    (odd / "zero.jpg").write_bytes(b"")
+    (odd / "page.jpg").write_text("<!doctype html><html><body>404</body></html>")
+    return expected
+
+
+def test_messy_folder_completes_and_good_files_decode_correctly(tmp_path):
+    expected = _messy_folder(tmp_path / "messy")
+    store = run(tmp_path / "messy", tmp_path / "c", precision="fp32", store_dtype="float32",
+                test_fraction=0.0)
+    failed = {path for _, path, _ in store.errors}
+    assert failed == {"odd/truncated.jpg", "odd/zero.jpg", "odd/page.jpg"}
+    rows = {p: i for i, p in enumerate(store.paths)}
+    for name in expected:
+        odd_row = next(i for p, i in rows.items() if p.startswith(f"odd/{name}."))
+        np.testing.assert_allclose(store.features[odd_row], store.features[rows[f"ref/{name}.png"]],
+                                   rtol=0, atol=1e-6, err_msg=name)
