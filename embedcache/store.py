@@ -267,7 +267,11 @@ def resolve_entry(entry: str | os.PathLike, cache_dir: str | os.PathLike) -> Pat
 
 
 class _Lock:
-    """An exclusive, non-blocking advisory lock on ``<entry>.h5.lock``."""
+    """An exclusive, non-blocking advisory lock on ``<entry>.h5.lock``, released by the OS when
+    the holding process dies (so a killed run never leaves a stale lock)."""
+
+    #: Lock files held by this process: POSIX locks do not conflict within one process.
+    _held: set[str] = set()
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -275,9 +279,16 @@ class _Lock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.path)
+        if key in _Lock._held:
+            raise CacheLockedError(
+                f"This process is already writing this cache entry ({str(self.path)!r})."
+            )
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # A POSIX record lock, not flock(): DataLoader workers are forked and would inherit
+            # an flock, keeping the entry locked after the main process is killed.
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -293,14 +304,16 @@ class _Lock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
+        _Lock._held.add(key)
 
     def release(self, *, unlink: bool = False) -> None:
         if self._fd is None:
             return
+        _Lock._held.discard(os.path.realpath(self.path))
         if unlink:
             with contextlib.suppress(OSError):
                 self.path.unlink()
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
 

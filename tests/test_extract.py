@@ -179,7 +179,7 @@ def test_a_second_writer_fails_fast(folder, tmp_path):
     holder = StoreWriter(cache_dir=tmp_path / "c", cache_key=plan["cache_key"], n=1, dim=8,
                          store_dtype="float16", attrs={}, paths=["x"], labels=[0], splits=[0],
                          file_sizes=[1], file_mtimes_ns=[1])
-    with holder, pytest.raises(CacheLockedError, match="Another process"):
+    with holder, pytest.raises(CacheLockedError, match="already writing this cache entry"):
         run(folder, tmp_path / "c")
 
 
@@ -270,3 +270,23 @@ def test_messy_folder_completes_and_good_files_decode_correctly(tmp_path):
         odd_row = next(i for p, i in rows.items() if p.startswith(f"odd/{name}."))
         np.testing.assert_allclose(store.features[odd_row], store.features[rows[f"ref/{name}.png"]],
                                    rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_a_writer_in_another_process_blocks_us(folder, tmp_path):
+    plan = extract_mod.extraction_plan(folder, backbone=TINY, cache_dir=tmp_path / "c")
+    lock_path = entry_paths(tmp_path / "c", plan["cache_key"])[2]
+    lock_path.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+         "fcntl.lockf(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); "
+         "print('locked', flush=True); time.sleep(60)", str(lock_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CacheLockedError, match=f"pid {holder.pid}"):
+            run(folder, tmp_path / "c")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not run(folder, tmp_path / "c").cache_hit  # the lock died with its holder
