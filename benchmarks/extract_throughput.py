@@ -48,6 +48,17 @@ def write_images(dest: Path, n: int, synthetic: bool) -> None:
     write_image_folder(source, dest, limit_per_split={2: n})  # test split only, stratified
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.png"))
 
@@ -131,7 +142,7 @@ def main() -> None:
             results["ours"].append(rate)
             results["tutorial"].append(time_tutorial(root, bb, workers, device))
     med = {k: statistics.median(v) for k, v in results.items()}
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    machine = (f"{cpu_model()}, {os.cpu_count()} cores, "
                f"torch {torch.__version__}, device {device}, precision {precision}")
     print(f"machine: {machine}")
     print(f"images: {len(files)} PNG files, backbone {args.backbone} at {bb.preprocess.crop_size}px, "
