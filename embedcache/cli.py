@@ -283,15 +283,16 @@ def rm(entries: tuple[str, ...], cache_dir: Path, yes: bool) -> None:
 
 @main.command()
 @click.argument("name", required=False)
-@click.option("--all", "show_all", is_flag=True, help="Include every torchvision model (slower: builds each on the meta device).")
 @click.option("--nodes", is_flag=True, help="With NAME: list graph nodes usable as --layer.")
 @click.option("--json", "as_json", is_flag=True)
 @_handle_errors
-def backbones(name: str | None, show_all: bool, nodes: bool, as_json: bool) -> None:
-    """List backbones (feature dim, input size, offline-ready), or describe NAME.
+def backbones(name: str | None, nodes: bool, as_json: bool) -> None:
+    """List backbones with feature dim, input size, preprocessing and whether they work offline,
+    or describe NAME (built with random init: dim and full preprocessing spec).
 
-    Without --all, torchvision models are listed by name only; `embedcache backbones NAME` builds
-    one (random init) and shows its feature dim and preprocessing.
+    \b
+    offline = the default weights are on this machine (no download needed).
+    dim "?" = not computable without building the model; `embedcache backbones NAME` shows it.
     """
     from embedcache import backbones as bbm
 
@@ -304,14 +305,14 @@ def backbones(name: str | None, show_all: bool, nodes: bool, as_json: bool) -> N
         payload = {"name": name, "dim": bb.dim, "preprocess": bb.preprocess.to_dict()}
         click.echo(json.dumps(payload, indent=2))
         return
-    rows_info = bbm.list_backbones(with_torchvision_dims=show_all)
+    rows_info = bbm.list_backbones()
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in rows_info], indent=2, default=list))
         return
-    rows = [[r.name, r.source, str(r.dim or "?"), str(r.input_size or "?"),
-             "yes" if r.offline_ready else "no", ",".join(r.weights)[:40] or r.description[:60]]
+    rows = [[r.name, r.source, str(r.dim or "?"), r.preprocess or "?",
+             "yes" if r.offline_ready else "no", ",".join(r.weights) or r.description]
             for r in rows_info]
-    click.echo(_table(rows, ["name", "source", "dim", "input", "offline", "weights / description"]))
+    click.echo(_table(rows, ["name", "source", "dim", "preprocessing", "offline", "weights"]))
     click.echo("\noffline = usable with no download. torchvision weights download on first use; "
                "offline, pass --weights FILE or --weights-tag none.")
 

@@ -74,9 +74,9 @@ def run_demo(
         f"{stats['seconds']:.1f} s ({how})",
         f"cache      {store.path}",
         "",
-        f"{'head':<44}{'test accuracy':>14}{'fit s':>8}",
-        f"{'logistic regression on raw pixels':<44}{pix_acc:>14.3f}{pix_seconds:>8.1f}",
-        f"{'logistic regression on ' + DEMO_BACKBONE + ' features':<44}{feat_acc:>14.3f}{feat_seconds:>8.1f}",
+        f"{'head':<52}{'test accuracy':>14}{'fit s':>8}",
+        f"{'logistic regression on raw pixels':<52}{pix_acc:>14.3f}{pix_seconds:>8.1f}",
+        f"{'logistic regression on ' + DEMO_BACKBONE + ' features':<52}{feat_acc:>14.3f}{feat_seconds:>8.1f}",
     ]
     return {
         "feature_accuracy": feat_acc,

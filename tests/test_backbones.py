@@ -132,3 +132,10 @@ def torchvision_resnet18_state():
     from torchvision.models import resnet18
 
     return resnet18(weights=None).state_dict()
+
+
+def test_timm_backbone_when_installed():
+    pytest.importorskip("timm")
+    bb = bbm.get_backbone("timm:resnet18", weights="none")
+    assert bb.dim == 512 and bb.weights_tag == "none"
+    assert bb.preprocess.crop_size == 224
