@@ -6,6 +6,8 @@ Public API::
     import embedcache
     store = embedcache.extract("data/flowers", backbone="efficientnet_lite0")
     store.features, store.labels, store.splits      # numpy arrays
+    result = embedcache.probe(store, out="probes/flowers")   # penalty sweep, refit, test
+    embedcache.predict("probes/flowers", ["new_photo.jpg"])
 """
 
 from embedcache.backbones import (
@@ -33,8 +35,10 @@ __version__ = "0.1.0"
 
 # Imported after __version__ (extract records it). Binding the function name here, after the
 # submodule import, makes `embedcache.extract` the function, as the public API promises.
+from embedcache.artifacts import LoadedProbe, load_probe, predict  # noqa: E402
 from embedcache.data import open_source  # noqa: E402
 from embedcache.extract import extract  # noqa: E402
+from embedcache.probe import ProbeResult, SklearnProbe, TorchLinearProbe, probe  # noqa: E402
 
 __all__ = [
     "Backbone",
@@ -46,6 +50,10 @@ __all__ = [
     "DecodeError",
     "EmbedcacheError",
     "FeatureStore",
+    "LoadedProbe",
+    "ProbeResult",
+    "SklearnProbe",
+    "TorchLinearProbe",
     "PreprocessSpec",
     "TooManyErrorsError",
     "UnknownBackboneError",
@@ -54,6 +62,9 @@ __all__ = [
     "extract",
     "get_backbone",
     "list_backbones",
+    "load_probe",
     "open_source",
+    "predict",
+    "probe",
     "register_backbone",
 ]

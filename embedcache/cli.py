@@ -317,6 +317,134 @@ def backbones(name: str | None, nodes: bool, as_json: bool) -> None:
                "offline, pass --weights FILE or --weights-tag none.")
 
 
+# --------------------------------------------------------------------------- probes
+
+
+def _parse_penalties(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+@main.command("probe")
+@click.argument("entry")
+@click.option("--head", type=click.Choice(["torch", "sklearn"]), default="torch", show_default=True,
+              help="torch: full-batch L-BFGS; sklearn: LogisticRegression(lbfgs). Same objective.")
+@click.option("--penalty", type=float, default=None,
+              help="Use this L2 penalty and skip the sweep (C = 1/(penalty*n) in sklearn terms).")
+@click.option("--sweep/--no-sweep", default=True, show_default=True,
+              help="Sweep the penalty on a log grid, choosing on the val split only.")
+@click.option("--penalties", default=None, help="Sweep grid, comma-separated (default: 11 values 1e-6..1e-1).")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="Hold-out of train used for selection when the cache has no val split.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of that hold-out.")
+@click.option("--no-standardize", is_flag=True, help="Do not standardise features.")
+@click.option("--device", default="cpu", show_default=True, help="Device of the torch head.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write probe.safetensors|probe.joblib, probe.json, report.json, confusion.png here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@CACHE_DIR_OPTION
+@_handle_errors
+def probe_command(entry: str, head: str, penalty: float | None, sweep: bool, penalties: str | None,
+                  val_fraction: float, seed: int, no_standardize: bool, device: str, out: Path | None,
+                  as_json: bool, cache_dir: Path) -> None:
+    """Train a linear probe on a cache entry and report test metrics.
+
+    \b
+    Protocol: sweep the penalty on the val split only (the cache's val split, else a
+    stratified seeded hold-out of train), refit on train+val with the chosen value, score
+    once on test. ENTRY is an .h5 path or a cache-key prefix (see `embedcache ls`).
+    """
+    from embedcache.probe import probe
+
+    if penalty is None and not sweep:
+        raise click.UsageError("--no-sweep needs --penalty VALUE.")
+    result = probe(entry, head=head, penalty=penalty, penalties=_parse_penalties(penalties),
+                   val_fraction=val_fraction, seed=seed, standardize=not no_standardize,
+                   device=device, out=out, cache_dir=cache_dir,
+                   progress=lambda msg: click.echo(msg, err=True))
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    m = result.metrics
+    if result.sweep is not None:
+        rows = [[f"{p:.3g}", f"{a:.4f}", str(i), f"{t:.2f}", "<- chosen" if p == result.penalty else ""]
+                for p, a, i, t in zip(result.sweep.penalties, result.sweep.val_accuracy,
+                                      result.sweep.iterations, result.sweep.seconds, strict=True)]
+        click.echo(_table(rows, ["penalty", "val top-1", "iters", "fit s", ""]))
+        click.echo("")
+    sizes = result.split_sizes
+    click.echo(f"cache      {result.store_path}")
+    click.echo(f"head       {result.head}, penalty {result.penalty:.3g} "
+               f"({'swept' if result.swept else 'fixed'}; val: {result.val_source})")
+    click.echo(f"rows       train {sizes['train']}, val {sizes['val']}, test {sizes['test']} "
+               f"(refit on train+val)")
+    top_k = next((k for k in m if k.startswith("top") and k != "top1"), None)
+    click.echo(f"test       top-1 {m['top1']:.4f}" + (f"  {top_k} {m[top_k]:.4f}" if top_k else "")
+               + f"  balanced {m['balanced_accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
+    click.echo(f"time       refit {result.fit_seconds:.2f} s, total {result.total_seconds:.2f} s")
+    if result.artifact_dir:
+        click.echo(f"saved      {result.artifact_dir}")
+
+
+@main.command("predict")
+@click.argument("probe_dir", type=click.Path(exists=True, path_type=Path))
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--top-k", type=int, default=1, show_default=True)
+@click.option("--out", "out_csv", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write one CSV row per image here (path, true, predictions, probabilities).")
+@click.option("--weights", "weights_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The local weights file, when the probe's backbone used one.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=None)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@_handle_errors
+def predict_command(probe_dir: Path, paths: tuple[str, ...], top_k: int, out_csv: Path | None,
+                    weights_path: str | None, batch_size: int, workers: int | None, device: str) -> None:
+    """Classify images with a saved probe (PATHS: image files, a folder, or any DATA form).
+
+    The backbone is rebuilt from the probe's metadata. When the folder has class subfolders
+    matching the probe's classes, the accuracy is printed too.
+    """
+    import csv
+
+    from embedcache.artifacts import predict
+
+    update, close = _progress_bar()
+    try:
+        result = predict(probe_dir, list(paths), top_k=top_k, batch_size=batch_size, workers=workers,
+                         device=device, weights_path=weights_path, progress=update)
+    finally:
+        close()
+    rows = result["rows"]
+    if out_csv is not None:
+        with open(out_csv, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["path", "true"] + [f"{kind}{i + 1}" for i in range(top_k) for kind in ("pred", "prob")])
+            for r in rows:
+                cells = [r["path"], r["true"] or ""]
+                for label, prob in zip(r["pred"], r["prob"], strict=True):
+                    cells += [label, f"{prob:.6f}"]
+                writer.writerow(cells)
+    else:
+        for r in rows[:50]:
+            preds = ", ".join(f"{label} {prob:.3f}" for label, prob in zip(r["pred"], r["prob"], strict=True))
+            click.echo(f"{r['path']}\t{preds}")
+        if len(rows) > 50:
+            click.echo(f"... {len(rows) - 50} more (use --out FILE.csv)")
+    for path, message in result["failures"]:
+        click.echo(f"failed: {path}: {message}", err=True)
+    summary = f"{len(rows)} images classified, {len(result['failures'])} failed"
+    if result["accuracy"] is not None:
+        summary += f"; top-1 accuracy {result['accuracy']:.4f} on {result['n_scored']} labelled images"
+    if out_csv is not None:
+        summary += f"; wrote {out_csv}"
+    click.echo(summary)
+
+
 # --------------------------------------------------------------------------- demo
 
 

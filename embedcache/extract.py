@@ -453,6 +453,39 @@ def fold_batchnorms(module: torch.nn.Module, *, input_size: int) -> torch.nn.Mod
     return fused
 
 
+def compute_features(
+    bb: Backbone,
+    source: data_mod.ImageSource,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: Callable[[Progress], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """Features of every image of ``source`` in memory, without the cache (used by predict).
+
+    Returns:
+        ``(rows, features (len(rows), D) float32, failures [(row, message)])``.
+    """
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    batches = _batches(np.zeros(len(source), dtype=bool), batch_size)
+    rows, feats, failures = [], [], []
+    started = time.perf_counter()
+    for got_rows, got, failed in _run_model(bb, source, batches, device=dev, precision=prec, workers=workers):
+        rows.append(got_rows)
+        feats.append(got)
+        failures.extend(failed)
+        if progress is not None:
+            done = sum(len(r) for r in rows) + len(failures)
+            elapsed = time.perf_counter() - started
+            progress(Progress(done, len(source), len(failures), done / elapsed if elapsed else 0.0))
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros((0, bb.dim), np.float32), failures
+    return np.concatenate(rows), np.concatenate(feats), failures
+
+
 class _ListBatchSampler(torch.utils.data.Sampler):
     def __init__(self, batches: list[list[int]]) -> None:
         self.batches = batches

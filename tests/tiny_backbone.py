@@ -52,7 +52,7 @@ def make_image_folder(root: Path, *, classes=("a", "b"), per_class: int = 6, siz
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 base = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
-                base[..., ci % 3] = 255 - 20 * i  # make classes separable
+                base[..., ci % 3] = 255 - (7 * i) % 120  # make classes separable
                 Image.fromarray(base).save(folder / f"img{i:03d}.png")
     return root
 

@@ -1,0 +1,241 @@
+"""Probe artifacts on disk, loading them back, and classifying new images with them.
+
+A probe directory holds:
+
+* ``probe.safetensors`` (torch head: coef, intercept, classes, mean, scale; no pickle) or
+  ``probe.joblib`` (sklearn head; joblib is pickle: load only files you trust),
+* ``probe.json``: head, classes and class names, penalty, standardisation, cache key, backbone
+  spec, preprocessing, precision, metrics, versions,
+* ``report.json`` (the full probe report) and ``confusion.png`` when matplotlib is installed.
+
+``predict`` needs only this directory: it rebuilds the backbone from the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedcache.errors import ConfigError, WeightsError
+
+ARTIFACT_VERSION = 1
+_COMPARED = ("name", "weights", "weights_sha256", "layer", "pool")
+
+
+def _versions() -> dict[str, str]:
+    import sklearn
+    import torch
+    import torchvision
+
+    from embedcache import __version__
+
+    return {"embedcache": __version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "scikit-learn": sklearn.__version__}
+
+
+def save_probe(result: Any, store: Any, out: Path) -> Path:
+    """Write the artifact for a :class:`embedcache.probe.ProbeResult` trained on ``store``.
+
+    Files are written to temporary names and moved into place, so a crash never leaves a
+    half-written probe behind.
+    """
+    from embedcache.metrics import save_confusion_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    est = result.estimator
+    meta = {
+        "artifact_version": ARTIFACT_VERSION,
+        "head": result.head,
+        "penalty": result.penalty,
+        "standardize": bool(est.standardize),
+        "classes": [int(c) for c in est.classes_],
+        "class_names": list(store.class_names),
+        "n_features": int(est.n_features_in_),
+        "cache_key": store.cache_key,
+        "cache_path": str(store.path),
+        "backbone": store.backbone,
+        "preprocess": store.attrs.get("preprocess"),
+        "precision": store.attrs.get("precision"),
+        "metrics": {k: v for k, v in result.metrics.items() if k != "confusion_matrix"},
+        "versions": _versions(),
+    }
+    staged: list[tuple[Path, Path]] = []
+
+    def stage(name: str) -> Path:
+        tmp = out / f".{name}.tmp"
+        staged.append((tmp, out / name))
+        return tmp
+
+    if result.head == "torch":
+        from safetensors.numpy import save_file
+
+        save_file({"coef": est.coef_.astype(np.float32), "intercept": est.intercept_.astype(np.float32),
+                   "classes": np.asarray(est.classes_, dtype=np.int64),
+                   "mean": est.mean_.astype(np.float32), "scale": est.scale_.astype(np.float32)},
+                  str(stage("probe.safetensors")))
+    else:
+        import joblib
+
+        joblib.dump(est, stage("probe.joblib"))
+    stage("probe.json").write_text(json.dumps(meta, indent=2))
+    stage("report.json").write_text(json.dumps({**result.to_dict(), "probe": meta}, indent=2))
+    for tmp, final in staged:
+        os.replace(tmp, final)
+    save_confusion_png(result.metrics, str(out / "confusion.png"),
+                       title=f"{store.backbone.get('name')} + {result.head} probe: "
+                             f"test top-1 {result.metrics['top1']:.3f}")
+    return out
+
+
+@dataclass
+class LoadedProbe:
+    """A fitted head plus the metadata needed to use it on new images."""
+
+    estimator: Any
+    metadata: dict[str, Any]
+    path: Path
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.metadata.get("class_names", []))
+
+    def check_compatible(self, backbone_spec: dict[str, Any], preprocess: dict[str, Any] | None = None,
+                         dim: int | None = None) -> None:
+        """Refuse features from another backbone, weights, layer, pooling or preprocessing."""
+        ours = self.metadata.get("backbone", {})
+        differences = [f"{key}: probe {ours.get(key)!r} vs features {backbone_spec.get(key)!r}"
+                       for key in _COMPARED if ours.get(key) != backbone_spec.get(key)]
+        recorded = self.metadata.get("preprocess")
+        if preprocess is not None and recorded is not None and (
+            json.dumps(recorded, sort_keys=True) != json.dumps(preprocess, sort_keys=True)
+        ):
+            differences.append(f"preprocessing: probe {recorded} vs features {preprocess}")
+        if dim is not None and dim != self.metadata.get("n_features"):
+            differences.append(f"dim: probe {self.metadata.get('n_features')} vs features {dim}")
+        if differences:
+            raise ConfigError(
+                f"This probe ({self.path}) was trained on features from another backbone setup: "
+                + "; ".join(differences) + ". Use features extracted the same way, or retrain the probe."
+            )
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        return self.estimator.predict_proba(features)
+
+
+def load_probe(path: str | os.PathLike) -> LoadedProbe:
+    """Load a probe directory (or its probe.json). The torch head loads without pickle."""
+    path = Path(path)
+    directory = path.parent if path.is_file() else path
+    meta_path = directory / "probe.json"
+    if not meta_path.is_file():
+        raise ConfigError(f"No probe at {str(path)!r}: expected a directory with probe.json "
+                          f"(written by `embedcache probe ENTRY --out DIR`).")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("head") == "torch":
+        from safetensors.numpy import load_file
+
+        from embedcache.probe import TorchLinearProbe
+
+        tensors = load_file(str(directory / "probe.safetensors"))
+        est = TorchLinearProbe(penalty=meta["penalty"], standardize=meta["standardize"])
+        est.classes_ = tensors["classes"]
+        est.coef_, est.intercept_ = tensors["coef"], tensors["intercept"]
+        est.mean_, est.scale_ = tensors["mean"], tensors["scale"]
+        est.n_features_in_ = est.coef_.shape[1]
+    elif meta.get("head") == "sklearn":
+        import joblib
+
+        est = joblib.load(directory / "probe.joblib")  # trusted files only: joblib is pickle
+    else:
+        raise ConfigError(f"{meta_path} names an unknown head {meta.get('head')!r}.")
+    return LoadedProbe(est, meta, directory)
+
+
+def predict(probe_path: str | os.PathLike, inputs: list[str], *, top_k: int = 1, batch_size: int = 64,
+            workers: int | None = None, device: str = "auto", weights_path: str | None = None,
+            progress: Any = None) -> dict[str, Any]:
+    """Classify images (files, folders, or any DATA form) with a saved probe.
+
+    The backbone is rebuilt from the probe's metadata and checked against the recorded weights
+    hash. Returns ``rows`` (path, true label or None, top-k classes and probabilities),
+    ``failures``, and ``accuracy`` when the inputs carry labels matching the probe's classes.
+    """
+    from embedcache.backbones import get_backbone
+    from embedcache.extract import compute_features, default_workers
+    from embedcache.preprocess import PreprocessSpec
+
+    loaded = load_probe(probe_path)
+    meta = loaded.metadata
+    spec = meta["backbone"]
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"The 'top_k' parameter must be a positive int. Got {top_k!r}.")
+    weights_tag = spec.get("weights")
+    if str(weights_tag).startswith("file:") and weights_path is None:
+        raise WeightsError(
+            f"This probe's backbone used a local weights file ({weights_tag[5:]}); pass it with "
+            f"--weights FILE (its sha256 is checked)."
+        )
+    preprocess = PreprocessSpec.from_dict(meta["preprocess"])
+    bb = get_backbone(spec["name"], weights=None if weights_path else weights_tag, weights_path=weights_path,
+                      layer=spec.get("layer"), pool=spec.get("pool") or "avg",
+                      image_size=preprocess.crop_size)
+    loaded.check_compatible({**bb.spec(), "weights": spec.get("weights") if weights_path else bb.weights_tag},
+                            bb.preprocess.to_dict(), bb.dim)
+    source = _open_inputs(inputs)
+    rows_idx, features, failures = compute_features(
+        bb, source, batch_size=batch_size, workers=default_workers() if workers is None else workers,
+        device=device, precision=meta.get("precision") or "auto", progress=progress)
+    proba = loaded.predict_proba(features) if len(features) else np.zeros((0, len(loaded.class_names)))
+    classes = np.asarray(loaded.estimator.classes_)
+    names = loaded.class_names
+    k = min(top_k, proba.shape[1]) if proba.size else top_k
+    order = np.argsort(-proba, axis=1)[:, :k]
+    truth = _true_labels(source, names)
+    rows = []
+    for pos, row in enumerate(rows_idx.tolist()):
+        labels = [names[int(classes[j])] if int(classes[j]) < len(names) else str(classes[j]) for j in order[pos]]
+        rows.append({"path": source.samples[row].path, "true": truth[row],
+                     "pred": labels, "prob": [float(proba[pos, j]) for j in order[pos]]})
+    scored = [r for r in rows if r["true"] is not None]
+    accuracy = float(np.mean([r["pred"][0] == r["true"] for r in scored])) if scored else None
+    return {"rows": rows, "failures": [(source.samples[i].path, m) for i, m in failures],
+            "accuracy": accuracy, "n_scored": len(scored), "root": source.root}
+
+
+def _normalise(name: str) -> str:
+    return name.replace("/", "_").strip().lower()
+
+
+def _true_labels(source: Any, probe_names: list[str]) -> list[str | None]:
+    """Each sample's class name when the source is labelled with names the probe knows."""
+    known = {_normalise(n): n for n in probe_names}
+    out: list[str | None] = []
+    for sample in source.samples:
+        if sample.label < 0:
+            out.append(None)
+            continue
+        out.append(known.get(_normalise(source.class_names[sample.label])))
+    return out
+
+
+def _open_inputs(inputs: list[str]) -> Any:
+    from embedcache.data import FileSource, Sample, open_source
+
+    if not inputs:
+        raise ConfigError("Give at least one image file or folder to classify.")
+    if len(inputs) == 1 and not Path(inputs[0]).is_file():
+        return open_source(inputs[0])
+    files = [Path(p).resolve() for p in inputs]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise ConfigError(f"Not files: {', '.join(missing[:5])}. Pass one folder, or image files.")
+    root = Path(os.path.commonpath([str(p.parent) for p in files]))
+    samples = [Sample(p.relative_to(root).as_posix(), -1, 3, p.stat().st_size, p.stat().st_mtime_ns)
+               for p in files]
+    return FileSource(kind="files", root=str(root), samples=samples, class_names=[],
+                      description=f"{len(files)} files under {root}")

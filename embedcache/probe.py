@@ -1,0 +1,444 @@
+"""Linear probes on cached features: a torch L-BFGS head, a scikit-learn head, honest sweeps.
+
+Both heads solve the same problem, multinomial logistic regression with an L2 penalty::
+
+    minimise  mean cross-entropy(X_std W^T + b, y) + penalty / 2 * ||W||^2
+
+on standardised features (``standardize=True``; the intercept is not penalised). In
+scikit-learn's terms ``C = 1 / (penalty * n_samples)``. Both honour the estimator contract, so
+they drop into ``sklearn.pipeline`` and ``cross_val_score``.
+
+:func:`probe` runs the protocol: sweep the penalty on a log grid, choose on the validation split
+only (the cache's ``val`` split, else a stratified seeded hold-out from ``train``), refit on
+train+val with the chosen value, score once on ``test``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from embedcache.errors import ConfigError
+
+#: Default penalty grid: 11 values, 1e-6 ... 1e-1 (log-spaced), strongest first when sweeping.
+DEFAULT_PENALTIES = tuple(float(p) for p in np.logspace(-6, -1, 11))
+HEADS = ("torch", "sklearn")
+#: Fraction of train held out for validation when the cache has no val split.
+DEFAULT_VAL_FRACTION = 0.1
+
+
+def _check_features(X: Any, *, name: str = "X", n_features: int | None = None) -> np.ndarray:
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ConfigError(f"{name} must be a 2-D array (n_samples, n_features). Got shape {X.shape}.")
+    if X.shape[0] == 0:
+        raise ConfigError(f"{name} has no rows; the split it comes from is empty.")
+    if n_features is not None and X.shape[1] != n_features:
+        raise ConfigError(
+            f"{name} has {X.shape[1]} features but the probe was fitted on {n_features}. Features "
+            f"must come from the same backbone (and layer/pool) as the probe's training features."
+        )
+    if not np.issubdtype(X.dtype, np.number):
+        raise ConfigError(f"{name} must be numeric. Got dtype {X.dtype}.")
+    X = X.astype(np.float32, copy=False)
+    if not np.isfinite(X).all():
+        bad = int((~np.isfinite(X)).any(axis=1).sum())
+        raise ConfigError(f"{name} contains NaN or infinite values in {bad} rows; clean or drop them.")
+    return X
+
+
+def _check_labels(y: Any, n: int) -> np.ndarray:
+    y = np.asarray(y).reshape(-1)
+    if len(y) != n:
+        raise ConfigError(f"y has {len(y)} labels for {n} rows of X.")
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise ConfigError(
+            f"A probe needs at least 2 classes in its training data; got only class {classes.tolist()}."
+        )
+    return y
+
+
+class _LinearMixin:
+    """Shared prediction code: both heads expose ``coef_`` / ``intercept_`` on raw features."""
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, "coef_")
+        X = _check_features(X, n_features=self.coef_.shape[1])
+        return X @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        logits = self.decision_function(X)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        expo = np.exp(logits)
+        return expo / expo.sum(axis=1, keepdims=True)
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+
+def _standardisation(X: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
+    if not standardize:
+        return np.zeros(X.shape[1], np.float32), np.ones(X.shape[1], np.float32)
+    mean = X.mean(axis=0, dtype=np.float64)
+    std = X.std(axis=0, dtype=np.float64)
+    return mean.astype(np.float32), np.where(std > 1e-12, std, 1.0).astype(np.float32)
+
+
+class TorchLinearProbe(_LinearMixin, ClassifierMixin, BaseEstimator):
+    """Multinomial logistic regression by full-batch L-BFGS in torch (float32).
+
+    Args:
+        penalty: L2 strength on the standardised weights (see the module docstring).
+        standardize: centre and scale features with the training mean/std (folded into
+            ``coef_``/``intercept_`` after fitting, so prediction takes raw features).
+        max_iter: L-BFGS iterations at most.
+        tol: stop when the largest gradient entry falls below this.
+        device: ``cpu`` (default) or ``cuda``.
+        warm_start: start from the previous solution when refitting (used by sweeps).
+
+    Attributes:
+        classes_, coef_ (n_classes, n_features), intercept_ (n_classes,), mean_, scale_,
+        n_iter_ (function evaluations), fit_seconds_, n_features_in_.
+    """
+
+    def __init__(self, penalty: float = 1e-4, *, standardize: bool = True, max_iter: int = 500,
+                 tol: float = 1e-4, device: str = "cpu", warm_start: bool = False) -> None:
+        self.penalty = penalty
+        self.standardize = standardize
+        self.max_iter = max_iter
+        self.tol = tol
+        self.device = device
+        self.warm_start = warm_start
+
+    def fit(self, X: Any, y: Any) -> TorchLinearProbe:
+        if not (isinstance(self.penalty, (int, float)) and self.penalty >= 0):
+            raise ConfigError(
+                f"The 'penalty' parameter of TorchLinearProbe must be a float >= 0. Got {self.penalty!r}."
+            )
+        started = time.perf_counter()
+        X = _check_features(X)
+        y = _check_labels(y, len(X))
+        classes, y_idx = np.unique(y, return_inverse=True)
+        warm = (self.warm_start and hasattr(self, "_weights")
+                and self._weights.shape == (len(classes), X.shape[1])
+                and np.array_equal(getattr(self, "classes_", None), classes))
+        if not warm:
+            self.mean_, self.scale_ = _standardisation(X, self.standardize)
+        device = torch.device(self.device)
+        Xs = torch.from_numpy((X - self.mean_) / self.scale_).to(device)
+        target = torch.from_numpy(y_idx.astype(np.int64)).to(device)
+        if warm:
+            weights = torch.from_numpy(self._weights.copy()).to(device)
+            bias = torch.from_numpy(self._bias.copy()).to(device)
+        else:
+            weights = torch.zeros(len(classes), X.shape[1], device=device)
+            bias = torch.zeros(len(classes), device=device)
+        weights.requires_grad_(True)
+        bias.requires_grad_(True)
+        self.n_iter_ = _lbfgs_logistic(Xs, target, weights, bias, penalty=float(self.penalty),
+                                       max_iter=self.max_iter, tol=self.tol)
+        self._weights = weights.detach().cpu().numpy()
+        self._bias = bias.detach().cpu().numpy()
+        self.classes_ = classes
+        self.coef_ = (self._weights / self.scale_).astype(np.float32)
+        self.intercept_ = (self._bias - self.coef_ @ self.mean_).astype(np.float32)
+        self.n_features_in_ = X.shape[1]
+        self.fit_seconds_ = time.perf_counter() - started
+        return self
+
+
+def _lbfgs_logistic(X: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor,
+                    *, penalty: float, max_iter: int, tol: float) -> int:
+    """Minimise mean CE + penalty/2 ||W||^2 in place; returns the number of loss evaluations.
+
+    Gradients are written by hand (two GEMMs per evaluation, no autograd graph): this is the
+    whole cost of a probe, and it is memory-bound on X.
+    """
+    n = X.shape[0]
+    optimiser = torch.optim.LBFGS([weights, bias], lr=1.0, max_iter=max_iter, history_size=10,
+                                  tolerance_grad=tol, tolerance_change=1e-10,
+                                  line_search_fn="strong_wolfe")
+    evaluations = 0
+
+    @torch.no_grad()
+    def closure() -> torch.Tensor:
+        nonlocal evaluations
+        evaluations += 1
+        logits = torch.addmm(bias, X, weights.T)
+        log_norm = torch.logsumexp(logits, dim=1)
+        loss = (log_norm - logits.gather(1, target[:, None]).squeeze(1)).mean()
+        loss = loss + 0.5 * penalty * weights.pow(2).sum()
+        grad_logits = torch.softmax(logits, dim=1)
+        grad_logits[torch.arange(n, device=X.device), target] -= 1.0
+        grad_logits /= n
+        weights.grad = grad_logits.T @ X + penalty * weights
+        bias.grad = grad_logits.sum(dim=0)
+        return loss
+
+    optimiser.step(closure)
+    return evaluations
+
+
+class SklearnProbe(_LinearMixin, ClassifierMixin, BaseEstimator):
+    """scikit-learn ``LogisticRegression`` (lbfgs) behind the same interface and penalty.
+
+    Args:
+        penalty: L2 strength, as for :class:`TorchLinearProbe` (``C = 1/(penalty*n)``).
+        standardize: centre and scale features with the training mean/std.
+        max_iter: solver iterations at most.
+        tol: solver tolerance.
+        warm_start: reuse the previous solution as the starting point.
+    """
+
+    def __init__(self, penalty: float = 1e-4, *, standardize: bool = True, max_iter: int = 1000,
+                 tol: float = 1e-4, warm_start: bool = False) -> None:
+        self.penalty = penalty
+        self.standardize = standardize
+        self.max_iter = max_iter
+        self.tol = tol
+        self.warm_start = warm_start
+
+    def fit(self, X: Any, y: Any) -> SklearnProbe:
+        from sklearn.linear_model import LogisticRegression
+
+        if not (isinstance(self.penalty, (int, float)) and self.penalty > 0):
+            raise ConfigError(
+                f"The 'penalty' parameter of SklearnProbe must be a float > 0. Got {self.penalty!r}."
+            )
+        started = time.perf_counter()
+        X = _check_features(X)
+        y = _check_labels(y, len(X))
+        warm = self.warm_start and hasattr(self, "model_") and self.model_.coef_.shape[1] == X.shape[1]
+        if not warm:
+            self.mean_, self.scale_ = _standardisation(X, self.standardize)
+            self.model_ = LogisticRegression(max_iter=self.max_iter, tol=self.tol, warm_start=True)
+        self.model_.set_params(C=1.0 / (self.penalty * len(X)))
+        self.model_.fit((X - self.mean_) / self.scale_, y)
+        self.classes_ = self.model_.classes_
+        coef = self.model_.coef_
+        intercept = self.model_.intercept_
+        if len(self.classes_) == 2:  # sklearn stores one row for binary problems
+            coef = np.vstack([-coef / 2, coef / 2])
+            intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+        self.coef_ = (coef / self.scale_).astype(np.float32)
+        self.intercept_ = (intercept - self.coef_ @ self.mean_).astype(np.float32)
+        self.n_iter_ = int(np.max(self.model_.n_iter_))
+        self.n_features_in_ = X.shape[1]
+        self.fit_seconds_ = time.perf_counter() - started
+        return self
+
+
+def make_head(head: str, **params: Any) -> TorchLinearProbe | SklearnProbe:
+    """``torch`` → :class:`TorchLinearProbe`, ``sklearn`` → :class:`SklearnProbe`."""
+    if head == "torch":
+        return TorchLinearProbe(**params)
+    if head == "sklearn":
+        params.pop("device", None)
+        return SklearnProbe(**params)
+    raise ConfigError(f"The 'head' parameter must be one of {list(HEADS)}. Got {head!r} instead.")
+
+
+@dataclass
+class SweepResult:
+    """Validation accuracy along the penalty path and the chosen value."""
+
+    penalties: list[float]
+    val_accuracy: list[float]
+    iterations: list[int]
+    seconds: list[float]
+    best_penalty: float
+    best_val_accuracy: float
+    estimator: Any = field(repr=False, default=None)
+
+
+def sweep_penalty(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, *,
+                  head: str = "torch", penalties: tuple[float, ...] | list[float] = DEFAULT_PENALTIES,
+                  **params: Any) -> SweepResult:
+    """Fit along the penalty path (strongest first, warm-started) and score each on val.
+
+    The best validation accuracy wins; ties go to the stronger penalty (the simpler model).
+    """
+    if len(penalties) == 0:
+        raise ConfigError("The 'penalties' grid is empty; give at least one value.")
+    ordered = sorted({float(p) for p in penalties}, reverse=True)
+    estimator = make_head(head, penalty=ordered[0], warm_start=True, **params)
+    accuracies, iterations, seconds = [], [], []
+    for penalty in ordered:
+        estimator.set_params(penalty=penalty)
+        estimator.fit(X_train, y_train)
+        accuracies.append(float(np.mean(estimator.predict(X_val) == np.asarray(y_val))))
+        iterations.append(int(estimator.n_iter_))
+        seconds.append(float(estimator.fit_seconds_))
+    best = int(np.argmax(accuracies))  # argmax returns the first (strongest) of equal maxima
+    return SweepResult(ordered, accuracies, iterations, seconds, ordered[best], accuracies[best], estimator)
+
+
+def split_for_probe(labels: np.ndarray, splits: np.ndarray, keys: np.ndarray, *,
+                    val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0) -> dict[str, Any]:
+    """Train/val/test positions for a probe; val from the cache or a seeded hold-out from train.
+
+    Unlabelled rows (label -1) are never used. The three sets are asserted disjoint.
+    """
+    from embedcache.data import holdout_splits
+
+    labelled = labels >= 0
+    train = np.flatnonzero((splits == 0) & labelled)
+    val = np.flatnonzero((splits == 1) & labelled)
+    test = np.flatnonzero((splits == 2) & labelled)
+    val_source = "cache"
+    if len(val) == 0:
+        if not 0 < val_fraction < 1:
+            raise ConfigError(
+                f"The cache has no val split, so 'val_fraction' must be in (0, 1) to hold one out "
+                f"of train. Got {val_fraction!r}."
+            )
+        held = holdout_splits([str(k) for k in keys[train]], labels[train], val_fraction=val_fraction,
+                              test_fraction=0.0, seed=seed)
+        val, train = train[held == 1], train[held == 0]
+        val_source = f"hold-out of {val_fraction:g} of train (stratified, seed {seed})"
+    for name, rows in (("train", train), ("val", val), ("test", test)):
+        if len(rows) == 0:
+            raise ConfigError(
+                f"The {name} split has no labelled rows. A probe needs train, val (or enough train "
+                f"to hold one out) and test; re-extract with --test-fraction/--val-fraction, or use "
+                f"train/val/test folders."
+            )
+    assert not (set(train.tolist()) & set(val.tolist())), "train and val overlap"
+    assert not (set(train.tolist()) & set(test.tolist())), "train and test overlap"
+    assert not (set(val.tolist()) & set(test.tolist())), "val and test overlap"
+    return {"train": train, "val": val, "test": test, "val_source": val_source, "seed": seed}
+
+
+@dataclass
+class ProbeResult:
+    """What :func:`probe` returns (also written as report.json)."""
+
+    head: str
+    penalty: float
+    swept: bool
+    sweep: SweepResult | None
+    metrics: dict[str, Any]
+    val_metrics: dict[str, Any] | None  # reserved: per-split metrics of the chosen model
+    split_sizes: dict[str, int]
+    val_source: str
+    seed: int
+    fit_seconds: float
+    total_seconds: float
+    estimator: Any = field(repr=False)
+    store_path: str = ""
+    artifact_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "head": self.head,
+            "penalty": self.penalty,
+            "swept": self.swept,
+            "sweep": None if self.sweep is None else {
+                "penalties": self.sweep.penalties, "val_accuracy": self.sweep.val_accuracy,
+                "iterations": self.sweep.iterations, "seconds": self.sweep.seconds,
+                "best_penalty": self.sweep.best_penalty,
+                "best_val_accuracy": self.sweep.best_val_accuracy},
+            "test": self.metrics,
+            "split_sizes": self.split_sizes,
+            "val_source": self.val_source,
+            "seed": self.seed,
+            "fit_seconds": self.fit_seconds,
+            "total_seconds": self.total_seconds,
+            "cache": self.store_path,
+        }
+
+
+def probe(entry: str | os.PathLike | Any, *, head: str = "torch", penalty: float | None = None,
+          penalties: tuple[float, ...] | list[float] | None = None, val_fraction: float = DEFAULT_VAL_FRACTION,
+          seed: int = 0, standardize: bool = True, device: str = "cpu", max_iter: int | None = None,
+          out: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+          progress: Callable[[str], None] | None = None) -> ProbeResult:
+    """Train a linear head on a cache entry: sweep (or a fixed penalty), refit, test once.
+
+    Args:
+        entry: a FeatureStore, an ``.h5`` path, or a cache-key prefix.
+        head: ``torch`` (L-BFGS) or ``sklearn`` (LogisticRegression).
+        penalty: use this penalty and skip the sweep.
+        penalties: the sweep grid (default: 11 values from 1e-6 to 1e-1).
+        val_fraction: hold-out from train for selection when the cache has no val split.
+        seed: seed of that hold-out.
+        standardize: standardise features (statistics from the fitting rows only).
+        device: torch head device.
+        max_iter: solver iteration cap (default: the head's).
+        out: directory for the probe artifact, report.json and confusion.png.
+        cache_dir: where to resolve a key prefix (default ``$EMBEDCACHE_DIR`` or ``./cache``).
+        progress: called with a short message after each step.
+    """
+    from embedcache.store import FeatureStore, default_cache_dir, resolve_entry
+
+    if isinstance(entry, FeatureStore):
+        store = entry
+    else:
+        store = FeatureStore.open(resolve_entry(entry, cache_dir or default_cache_dir()))
+    result = probe_arrays(store.features, store.labels, store.splits, store.paths, head=head,
+                          penalty=penalty, penalties=penalties, val_fraction=val_fraction, seed=seed,
+                          standardize=standardize, device=device, max_iter=max_iter,
+                          class_names=store.class_names, progress=progress)
+    result.store_path = str(store.path)
+    if out is not None:
+        from embedcache.artifacts import save_probe
+
+        result.artifact_dir = str(save_probe(result, store, Path(out)))
+    return result
+
+
+def probe_arrays(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, keys: np.ndarray, *,
+                 head: str = "torch", penalty: float | None = None,
+                 penalties: tuple[float, ...] | list[float] | None = None,
+                 val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0, standardize: bool = True,
+                 device: str = "cpu", max_iter: int | None = None, class_names: list[str] | None = None,
+                 progress: Callable[[str], None] | None = None) -> ProbeResult:
+    """The probe protocol on in-memory arrays (features, labels, split codes, stable row keys)."""
+    started = time.perf_counter()
+    if head not in HEADS:
+        raise ConfigError(f"The 'head' parameter must be one of {list(HEADS)}. Got {head!r} instead.")
+    features = _check_features(features, name="features")
+    labels, splits, keys = np.asarray(labels), np.asarray(splits), np.asarray(keys)
+    parts = split_for_probe(labels, splits, keys, val_fraction=val_fraction, seed=seed)
+    train, val, test = parts["train"], parts["val"], parts["test"]
+    params: dict[str, Any] = {"standardize": standardize}
+    if head == "torch":
+        params["device"] = device
+    if max_iter is not None:
+        params["max_iter"] = max_iter
+    sweep = None
+    if penalty is None:
+        sweep = sweep_penalty(features[train], labels[train], features[val], labels[val],
+                              head=head, penalties=penalties or DEFAULT_PENALTIES, **params)
+        chosen = sweep.best_penalty
+        estimator = sweep.estimator
+        estimator.set_params(penalty=chosen)
+        if progress:
+            progress(f"sweep: {len(sweep.penalties)} penalties, best {chosen:.3g} "
+                     f"(val top-1 {sweep.best_val_accuracy:.4f})")
+    else:
+        chosen = float(penalty)
+        estimator = make_head(head, penalty=chosen, warm_start=True, **params)
+    fit_rows = np.concatenate([train, val])
+    estimator.fit(features[fit_rows], labels[fit_rows])
+    from embedcache.metrics import classification_report
+
+    proba = estimator.predict_proba(features[test])
+    metrics = classification_report(labels[test], proba, estimator.classes_, class_names=class_names)
+    metrics["fit_seconds"] = float(estimator.fit_seconds_)
+    return ProbeResult(
+        head=head, penalty=chosen, swept=sweep is not None, sweep=sweep, metrics=metrics,
+        val_metrics=None, split_sizes={"train": len(train), "val": len(val), "test": len(test)},
+        val_source=parts["val_source"], seed=seed, fit_seconds=float(estimator.fit_seconds_),
+        total_seconds=time.perf_counter() - started, estimator=estimator,
+    )
