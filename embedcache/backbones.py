@@ -8,7 +8,8 @@ torchvision classification model is available by name; third parties use the ent
 
 A factory is called as ``factory(weights=TAG_OR_NONE, weights_path=PATH_OR_NONE)`` and returns
 :class:`BackboneParts`. Truncation (default: the input of the final ``nn.Linear``; or ``layer`` +
-``pool``) and freezing are applied here, uniformly.
+``pool``) and freezing are applied by :func:`get_backbone`, uniformly, through
+:mod:`embedcache.truncate`; a local weights file is loaded through :mod:`embedcache.weights`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,22 @@ from embedcache.errors import ConfigError, UnknownBackboneError, WeightsError
 from embedcache.fingerprint import state_dict_sha256
 from embedcache.preprocess import PreprocessSpec
 
-POOLS = ("avg", "max", "avgmax", "cls")
+# pool_features and load_state_dict_file are unused here but stay importable from this module,
+# where they lived before truncation and weights loading moved out.
+from embedcache.truncate import (  # noqa: F401
+    POOLS,
+    final_linear,
+    final_linear_name,
+    freeze,
+    graph_node_names,
+    has_linear,
+    pool_features,
+    probe_dim,
+    truncate_at_layer,
+    truncate_default,
+)
+from embedcache.weights import load_state_dict_file, load_weights_file  # noqa: F401
+
 ENTRY_POINT_GROUP = "embedcache.backbones"
 #: Seed used to initialise ``weights="none"`` models, so that a random backbone is reproducible
 #: (and its weights hash, hence its cache key, is stable).
@@ -381,9 +397,9 @@ def _torchvision_dim(name: str) -> int | None:
             with warnings.catch_warnings(), torch.device("meta"):
                 warnings.simplefilter("ignore")
                 model = get_model(name)
-            if _has_linear(model):
-                _TV_DIM_CACHE[name] = _final_linear(model)[2].in_features
-            else:  # SqueezeNet: the trunk's channels, average-pooled (see _truncate_default)
+            if has_linear(model):
+                _TV_DIM_CACHE[name] = final_linear(model)[2].in_features
+            else:  # SqueezeNet: the trunk's channels, average-pooled (see truncate_default)
                 convs = [m for m in model.classifier.modules() if isinstance(m, nn.Conv2d)]
                 _TV_DIM_CACHE[name] = convs[-1].in_channels if convs else None
         except Exception:  # some builders (RegNet) compute widths with real tensors: unknown here
@@ -429,165 +445,10 @@ def _resolve_factory(name: str) -> Callable[..., BackboneParts]:
     )
 
 
-# --------------------------------------------------------------------------- weights files
-
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a state dict without unpickling arbitrary objects.
-
-    ``.safetensors`` via safetensors; anything else via ``torch.load(weights_only=True)``.
-    A checkpoint dict holding ``state_dict`` / ``model`` is unwrapped; ``module.`` prefixes
-    (DataParallel) are stripped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"The 'weights' file {str(path)!r} does not exist.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(
-            f"Could not read weights file {str(path)!r} ({exc.__class__.__name__}: {exc}). "
-            f"Use a .safetensors file or a .pt/.pth state dict that loads with weights_only=True."
-        ) from exc
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"Weights file {str(path)!r} does not hold a state dict of tensors.")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def _load_weights_file(model: nn.Module, path: str, head_name: str | None) -> None:
-    """Load ``path`` into ``model``; the classifier may differ (or be absent) — it is cut anyway."""
-    state = load_state_dict_file(path)
-    own = model.state_dict()
-    head_prefix = f"{head_name}." if head_name else None
-    filtered = {}
-    for key, value in state.items():
-        if head_prefix and key.startswith(head_prefix):
-            if key in own and own[key].shape == value.shape:
-                filtered[key] = value
-            continue
-        filtered[key] = value
-    missing = [k for k in own if k not in filtered and not (head_prefix and k.startswith(head_prefix))]
-    unexpected = [k for k in filtered if k not in own]
-    mismatched = [k for k in filtered if k in own and own[k].shape != filtered[k].shape]
-    if missing or unexpected or mismatched:
-        details = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if keys:
-                details.append(f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
-        raise WeightsError(
-            f"Weights file {path!r} does not fit this architecture ({'; '.join(details)}). "
-            f"Pass the backbone name the weights were trained for."
-        )
-    model.load_state_dict(filtered, strict=False)
-
-
-# --------------------------------------------------------------------------- truncation
-
-
-def _has_linear(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Linear) for m in model.modules())
-
-
-def _final_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
-    """(parent, attribute, layer) of the last registered ``nn.Linear`` — the classifier."""
-    last_name = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last_name = name
-    assert last_name is not None
-    parent_name, _, attr = last_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    return parent, attr, getattr(parent, attr)
-
-
-class _PooledNode(nn.Module):
-    """Runs a torch.fx feature extractor and pools its single output node to ``(N, D)``."""
-
-    def __init__(self, extractor: nn.Module, node: str, pool: str) -> None:
-        super().__init__()
-        self.extractor = extractor
-        self.node = node
-        self.pool = pool
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.extractor(x)[self.node]
-        return pool_features(out, self.pool)
-
-
-def pool_features(out: torch.Tensor, pool: str) -> torch.Tensor:
-    """Pool an intermediate output: ``(N,C,H,W)`` spatially, ``(N,T,C)`` over tokens."""
-    if out.ndim == 2:
-        return out
-    if out.ndim == 4:
-        if pool == "cls":
-            raise ConfigError("pool='cls' needs a token sequence (N, T, C); this node is (N, C, H, W).")
-        avg = out.mean(dim=(2, 3))
-        mx = out.amax(dim=(2, 3))
-    elif out.ndim == 3:
-        if pool == "cls":
-            return out[:, 0]
-        avg = out.mean(dim=1)
-        mx = out.amax(dim=1)
-    else:
-        raise ConfigError(f"Cannot pool an output of shape {tuple(out.shape)}; pick another layer.")
-    return {"avg": avg, "max": mx, "avgmax": torch.cat([avg, mx], dim=1)}[pool]
-
-
-def _truncate_at_layer(parts: BackboneParts, layer: str, pool: str) -> nn.Module:
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-
-    tracer_kwargs = {"leaf_modules": list(parts.leaf_modules)} if parts.leaf_modules else None
-    _, eval_nodes = get_graph_node_names(parts.model, tracer_kwargs=tracer_kwargs)
-    # A module name ("layer3") stands for its last node, as in torchvision's feature extraction.
-    if not any(node == layer or node.startswith(layer + ".") for node in eval_nodes):
-        modules = [name for name, _ in parts.model.named_modules() if name]
-        close = difflib.get_close_matches(layer, modules + eval_nodes, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ConfigError(
-            f"The 'layer' parameter must name a node of the model graph. Got {layer!r}.{hint} "
-            f"Nodes: {', '.join(eval_nodes[:8])} ... {', '.join(eval_nodes[-8:])} "
-            f"(`embedcache backbones NAME --nodes` lists all)."
-        )
-    extractor = create_feature_extractor(parts.model, return_nodes=[layer], tracer_kwargs=tracer_kwargs)
-    return _PooledNode(extractor, layer, pool)
-
-
 def graph_nodes(name: str) -> list[str]:
     """Node names usable as ``layer=`` for a backbone (random init: structure only)."""
-    from torchvision.models.feature_extraction import get_graph_node_names
-
     parts = _resolve_factory(name)(weights="none", weights_path=None)
-    tracer_kwargs = {"leaf_modules": list(parts.leaf_modules)} if parts.leaf_modules else None
-    return get_graph_node_names(parts.model, tracer_kwargs=tracer_kwargs)[1]
-
-
-def _truncate_default(model: nn.Module) -> nn.Module:
-    if _has_linear(model):
-        parent, attr, _ = _final_linear(model)
-        setattr(parent, attr, nn.Identity())
-        return model
-    # SqueezeNet-style heads: a 1x1 conv classifier. Keep the conv trunk, average-pool it.
-    if hasattr(model, "features") and hasattr(model, "classifier"):
-        return nn.Sequential(model.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-    raise ConfigError(
-        "This model has no final nn.Linear to cut; pass --layer NODE (see `embedcache backbones NAME --nodes`)."
-    )
-
-
-def freeze(module: nn.Module) -> nn.Module:
-    """Frozen means eval() (BatchNorm/Dropout fixed) and no gradients."""
-    module.eval()
-    for param in module.parameters():
-        param.requires_grad_(False)
-    return module
+    return graph_node_names(parts.model, leaf_modules=parts.leaf_modules)
 
 
 def get_backbone(
@@ -624,20 +485,22 @@ def get_backbone(
     weights_tag = parts.weights_tag
     if weights_path is not None:
         head_name = None
-        if not parts.features_ready and _has_linear(parts.model):
-            head_name = _head_module_name(parts.model)
-        _load_weights_file(parts.model, str(weights_path), head_name)
+        if not parts.features_ready and has_linear(parts.model):
+            head_name = final_linear_name(parts.model)
+        load_weights_file(parts.model, str(weights_path), head_name)
         weights_tag = f"file:{Path(weights_path).name}"
     weights_sha256 = state_dict_sha256(parts.model.state_dict())
     if layer is not None:
-        module = _truncate_at_layer(parts, layer, pool)
+        module = truncate_at_layer(
+            parts.model, layer=layer, pool=pool, leaf_modules=parts.leaf_modules
+        )
     elif parts.features_ready:
         module = parts.model
     else:
-        module = _truncate_default(parts.model)
+        module = truncate_default(parts.model)
     module = freeze(module)
     preprocess = parts.preprocess.with_image_size(image_size)
-    dim = _probe_dim(module, preprocess)
+    dim = probe_dim(module, preprocess)
     return Backbone(
         name=name,
         module=module,
@@ -649,25 +512,3 @@ def get_backbone(
         pool=pool,
     )
 
-
-def _head_module_name(model: nn.Module) -> str:
-    """Qualified name of the final Linear (``fc``, ``classifier.1``, ``heads.head``...)."""
-    last_name = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last_name = name
-    assert last_name is not None
-    return last_name
-
-
-def _probe_dim(module: nn.Module, preprocess: PreprocessSpec) -> int:
-    """Feature dimension from one tiny forward pass (exact for every truncation)."""
-    size = preprocess.crop_size
-    with torch.inference_mode():
-        out = module(torch.zeros(1, 3, size, size))
-    if out.ndim != 2:
-        raise ConfigError(
-            f"The backbone returned features of shape {tuple(out.shape)}; expected (N, D). "
-            f"Choose a layer with --layer and a pooling with --pool."
-        )
-    return int(out.shape[1])

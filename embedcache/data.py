@@ -1,9 +1,10 @@
-"""Image sources, safe decoding, splits and the manifest that identifies a data set.
+"""Image sources, splits and the manifest that identifies a data set.
 
 An :class:`ImageSource` is an ordered list of :class:`Sample` rows (relative path, label, split,
 size, mtime) plus a way to decode row ``i`` into an RGB PIL image. :func:`open_source` picks the
 kind from one string: an image folder, a ``.csv`` manifest, ``.npz`` arrays, ``demo``, or
-``torchvision:NAME:ROOT``. Nothing is ever downloaded.
+``torchvision:NAME:ROOT``. Nothing is ever downloaded. Decoding one file safely is
+:mod:`embedcache.decode`'s job; its names are re-exported here for existing callers.
 
 The manifest hash (:meth:`ImageSource.manifest_sha256`) uses only root-relative paths, so a data set
 moved to another directory is still the same cache entry; any change of a file's size, mtime, label
@@ -18,24 +19,26 @@ import gzip
 import hashlib
 import importlib.resources
 import inspect
-import io
 import json
 import math
 import os
 import posixpath
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+# DECODER_VERSION, MAX_IMAGE_PIXELS: re-exported; callers import them from embedcache.data.
+from embedcache.decode import (  # noqa: F401
+    DECODER_VERSION,
+    MAX_IMAGE_PIXELS,
+    decode_image,
+    to_rgb,
+)
 from embedcache.errors import ConfigError, DataSourceError, DecodeError
 from embedcache.preprocess import PreprocessSpec, to_uint8_tensor
-
-# Part of the cache key: bump whenever decode_image can return different pixels for the same file.
-DECODER_VERSION = "1"
 
 TRAIN, VAL, TEST, UNSPLIT = 0, 1, 2, 3
 SPLIT_NAMES = {TRAIN: "train", VAL: "val", TEST: "test", UNSPLIT: "unsplit"}
@@ -45,8 +48,6 @@ SPLIT_ALIASES = {"train": TRAIN, "val": VAL, "valid": VAL, "validation": VAL, "t
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
-# Same as Pillow's default; images above it are refused instead of merely warned about.
-MAX_IMAGE_PIXELS = 89_478_485
 _IGNORED_NAMES = frozenset({"__MACOSX"})
 
 _IDX_DATASETS = {
@@ -78,100 +79,6 @@ class Sample:
     split: int
     size: int = 0
     mtime_ns: int = 0
-
-
-# --------------------------------------------------------------------------------------------
-# Decoding
-
-
-def decode_image(path_or_file: str | os.PathLike | bytes | io.IOBase) -> Image.Image:
-    """Decode one image safely into a standalone RGB image.
-
-    EXIF orientation is applied; animated images give frame 0. Modes are converted with their value
-    range kept: 16-bit (``I;16*`` and ``I``) maps 0..65535 to 0..255, ``F`` in [0, 1] is scaled
-    by 255 (otherwise clipped to 0..255), CMYK uses Pillow's conversion (no ICC profile). Images
-    with an alpha channel or palette transparency are composited onto **white**, the usual
-    background of product and document photos, so transparent pixels never turn black.
-
-    Args:
-        path_or_file: a path, the encoded bytes, or a binary file object.
-
-    Raises:
-        DecodeError: with a short reason (``empty file``, ``truncated image``, ``not an image
-            (cannot identify format)``, ``decompression bomb ...``, ``cannot read file ...``).
-    """
-    if isinstance(path_or_file, (bytes, bytearray, memoryview)):
-        path_or_file = io.BytesIO(bytes(path_or_file))
-    try:
-        if _is_empty(path_or_file):
-            raise DecodeError("empty file")
-        with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x its limit; that case must fail too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path_or_file) as image:
-                width, height = image.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise DecodeError(
-                        f"decompression bomb: {width}x{height} pixels exceeds the limit of "
-                        f"{MAX_IMAGE_PIXELS}"
-                    )
-                image.seek(0)
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                return _to_rgb(image)
-    except DecodeError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DecodeError(f"decompression bomb: {exc}") from None
-    except UnidentifiedImageError:
-        raise DecodeError("not an image (cannot identify format)") from None
-    except OSError as exc:
-        text = str(exc)
-        if "truncated" in text.lower() or "broken data stream" in text:
-            raise DecodeError("truncated image") from None
-        if exc.strerror:
-            raise DecodeError(f"cannot read file ({exc.strerror})") from None
-        raise DecodeError(f"corrupt image ({text})") from None
-    except (ValueError, SyntaxError, EOFError, IndexError, TypeError, MemoryError) as exc:
-        raise DecodeError(f"corrupt image ({type(exc).__name__}: {exc})") from None
-
-
-def _is_empty(path_or_file) -> bool:
-    if isinstance(path_or_file, (str, os.PathLike)):
-        return os.stat(path_or_file).st_size == 0
-    if hasattr(path_or_file, "seek") and hasattr(path_or_file, "tell"):
-        start = path_or_file.tell()
-        end = path_or_file.seek(0, os.SEEK_END)
-        path_or_file.seek(start)
-        return end == start
-    return False
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to RGB, keeping the value range and compositing alpha on white."""
-    mode = image.mode
-    if mode == "RGB":
-        return image.copy()
-    if mode.startswith("I"):  # I;16, I;16B, I;16L, I (32-bit, treated as 16-bit range)
-        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
-        return _gray_to_rgb(((values * 255 + 32767) // 65535).astype(np.uint8))
-    if mode == "F":
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
-        if values.size and values.min() >= 0.0 and values.max() <= 1.0:
-            values = values * 255.0
-        return _gray_to_rgb(np.clip(np.rint(values), 0, 255).astype(np.uint8))
-    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
-        mode == "P" and "transparency" in image.info
-    )
-    if not has_alpha:
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
-
-
-def _gray_to_rgb(gray: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2)), "RGB")
 
 
 # --------------------------------------------------------------------------------------------
@@ -634,7 +541,7 @@ class TorchvisionSource(ImageSource):
                     else image
             if isinstance(image, np.ndarray):
                 image = Image.fromarray(image.squeeze())
-            return _to_rgb(image)
+            return to_rgb(image)
         except DecodeError:
             raise
         except Exception as exc:  # noqa: BLE001 - data set classes raise anything
