@@ -89,7 +89,7 @@ class _LinearMixin:
 def _standardisation(X: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
     if not standardize:
         return np.zeros(X.shape[1], np.float32), np.ones(X.shape[1], np.float32)
-    std, mean = torch.std_mean(torch.from_numpy(X).double(), dim=0, correction=0)
+    std, mean = torch.std_mean(torch.from_numpy(X), dim=0, correction=0)
     std = torch.where(std > 1e-12, std, torch.ones_like(std))
     return mean.float().numpy(), std.float().numpy()
 
