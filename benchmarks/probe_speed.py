@@ -31,7 +31,7 @@ from embedcache.store import FeatureStore
 def synthetic(n_train: int = 50_000, n_test: int = 10_000, dim: int = 1280, k: int = 10, seed: int = 0):
     """Class means in a 64-d subspace plus correlated noise: hard enough to need regularisation."""
     rng = np.random.default_rng(seed)
-    means = rng.normal(size=(k, 64)) @ rng.normal(size=(64, dim)) / 8
+    means = rng.normal(size=(k, 64)) @ rng.normal(size=(64, dim)) / 150
     mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim)
     y = rng.integers(0, k, n_train + n_test)
     X = means[y] + rng.normal(size=(n_train + n_test, dim)) @ mixing
