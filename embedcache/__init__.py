@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 # Imported after __version__ (extract records it). Binding the function name here, after the
 # submodule import, makes `embedcache.extract` the function, as the public API promises.
 from embedcache.artifacts import LoadedProbe, load_probe, predict  # noqa: E402
+from embedcache.bench import bench, fewshot  # noqa: E402
 from embedcache.data import open_source  # noqa: E402
 from embedcache.extract import extract  # noqa: E402
 from embedcache.probe import ProbeResult, SklearnProbe, TorchLinearProbe, probe  # noqa: E402
@@ -59,7 +60,9 @@ __all__ = [
     "UnknownBackboneError",
     "WeightsError",
     "__version__",
+    "bench",
     "extract",
+    "fewshot",
     "get_backbone",
     "list_backbones",
     "load_probe",

@@ -226,8 +226,37 @@ def _torchvision_factory(name: str, *, weights: str | None, weights_path: str | 
 # --------------------------------------------------------------------------- built-ins
 
 
+class PixelFeatures(nn.Module):
+    """The ``pixels`` baseline: the preprocessed image, averaged over RGB, flattened (N, S*S)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1).flatten(1)
+
+
+#: Default side of the ``pixels`` baseline (Fashion-MNIST's native size; override with image_size).
+PIXELS_SIZE = 28
+
+
+def _pixels_factory(*, weights: str | None, weights_path: str | None) -> BackboneParts:
+    if weights_path is not None or (weights or "none").lower() not in ("none", "default"):
+        raise WeightsError("The 'pixels' baseline has no weights; drop --weights/--weights-tag.")
+    spec = PreprocessSpec(resize_size=PIXELS_SIZE, crop_size=PIXELS_SIZE, interpolation="bilinear",
+                          mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return BackboneParts(model=PixelFeatures(), preprocess=spec, weights_tag="none", features_ready=True)
+
+
 def _register_builtins() -> None:
     from embedcache import efficientnet_lite as lite
+
+    register_backbone(
+        "pixels",
+        description="baseline: grey pixels in [0, 1], resized (default 28x28) and flattened",
+        dim=PIXELS_SIZE * PIXELS_SIZE,
+        input_size=PIXELS_SIZE,
+        offline_ready=True,
+        preprocess=PreprocessSpec(resize_size=PIXELS_SIZE, crop_size=PIXELS_SIZE, mean=(0.0,) * 3,
+                                  std=(1.0,) * 3),
+    )(_pixels_factory)
 
     for variant, config in lite.LITE_VARIANTS.items():
         if config.weights_module is None:  # lite3/lite4: no offline weights package exists

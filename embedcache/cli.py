@@ -66,6 +66,10 @@ def main() -> None:
       embedcache demo                      # offline end-to-end run on a bundled dataset
       embedcache backbones                 # what you can extract with
       embedcache extract DATA -b NAME      # cache features (a rerun is a cache hit)
+      embedcache probe ENTRY               # linear probe: penalty sweep, test once
+      embedcache predict PROBE IMAGES...   # classify new images with a saved probe
+      embedcache bench DATA --backbones a,b,pixels   # leaderboard across backbones
+      embedcache fewshot ENTRY             # k-shot x seed learning curve in seconds
       embedcache ls / info ENTRY / rm ENTRY
     """
 
@@ -443,6 +447,85 @@ def predict_command(probe_dir: Path, paths: tuple[str, ...], top_k: int, out_csv
     if out_csv is not None:
         summary += f"; wrote {out_csv}"
     click.echo(summary)
+
+
+# --------------------------------------------------------------------------- bench / fewshot
+
+
+@main.command("bench")
+@click.argument("data")
+@click.option("--backbones", required=True,
+              help="Comma-separated NAME[@SIZE][=WEIGHTS], e.g. efficientnet_lite0,resnet18=none,pixels@28.")
+@click.option("--head", type=click.Choice(["torch", "sklearn"]), default="torch", show_default=True)
+@click.option("--image-size", type=int, default=None, help="Input size for backbones without @SIZE.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=None)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probes' val hold-out.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write leaderboard.json/.csv/.md (and .png with matplotlib) here.")
+@CACHE_DIR_OPTION
+@_handle_errors
+def bench_command(data: str, backbones: str, head: str, image_size: int | None, batch_size: int,
+                  workers: int | None, device: str, seed: int, out: Path | None, cache_dir: Path) -> None:
+    """Leaderboard of linear probes across backbones on DATA.
+
+    \b
+    Per backbone: extract (a cache hit when the entry exists), then the probe protocol
+    (penalty swept on val only, refit on train+val, one test score). A second run of the same
+    command only trains probes. Add `pixels` to see whether a backbone beats raw pixels,
+    and e.g. `resnet18=none` for a randomly initialised network.
+    """
+    from embedcache.bench import bench, leaderboard_table
+
+    update, close = _progress_bar()
+
+    def line(message: str) -> None:
+        close()
+        click.echo(message, err=True)
+
+    try:
+        report = bench(data, [b for b in backbones.split(",") if b.strip()], head=head,
+                       image_size=image_size, cache_dir=cache_dir, out=out, batch_size=batch_size,
+                       workers=workers, device=device, seed=seed, progress=line)
+    finally:
+        close()
+    headers, cells = leaderboard_table(report)
+    click.echo(_table(cells, headers))
+    if out is not None:
+        click.echo(f"\nwrote {out}/leaderboard.json, .csv, .md" + (
+            ", .png" if (Path(out) / "leaderboard.png").exists() else ""))
+
+
+@main.command("fewshot")
+@click.argument("entry")
+@click.option("--shots", default="1,2,5,10,20", show_default=True, help="Values of k (examples per class).")
+@click.option("--seeds", type=int, default=10, show_default=True, help="Seeds per k (0..N-1).")
+@click.option("--head", type=click.Choice(["torch", "sklearn"]), default="torch", show_default=True)
+@click.option("--penalty", type=float, default=0.1, show_default=True,
+              help="Fixed penalty for every k (never chosen by looking at test).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write fewshot.json, fewshot.md and fewshot.png here.")
+@CACHE_DIR_OPTION
+@_handle_errors
+def fewshot_command(entry: str, shots: str, seeds: int, head: str, penalty: float, out: Path | None,
+                    cache_dir: Path) -> None:
+    """k-shot x seed learning curve from a cache entry, in seconds (no image is decoded).
+
+    For each k and seed, k examples per class are drawn from the train split, a probe with a
+    fixed penalty is fitted on them and scored on the full test split.
+    """
+    from embedcache.bench import fewshot
+
+    try:
+        ks = [int(v) for v in shots.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated ints, got {shots!r}", param_hint="--shots") from None
+    report = fewshot(entry, shots=ks, seeds=seeds, head=head, penalty=penalty, cache_dir=cache_dir, out=out)
+    rows = [[str(r["k"]), f"{r['mean']:.4f}", f"{r['std']:.4f}"] for r in report["results"]]
+    click.echo(_table(rows, ["k per class", "test top-1 mean", "std"]))
+    click.echo(f"\n{report['backbone']}, {head} head, penalty {penalty:g} (fixed), {seeds} seeds, "
+               f"{report['n_test']} test images, {report['seconds']:.1f} s")
 
 
 # --------------------------------------------------------------------------- demo

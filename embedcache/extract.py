@@ -350,7 +350,8 @@ def extract(
                     )
                 )
         loop_seconds = time.perf_counter() - loop_started
-        final_path = writer.finalize()
+        rate = computed / loop_seconds if computed and loop_seconds > 0 else 0.0
+        final_path = writer.finalize({"extract_seconds": loop_seconds, "extract_images_per_s": rate})
         resumed = writer.resumed_rows
         warnings = list(writer.warnings)
     store = FeatureStore.open(final_path)

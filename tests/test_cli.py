@@ -97,3 +97,26 @@ def test_shim_and_module_entry_points():
     for cmd in ([sys.executable, "cli.py", "--help"], [sys.executable, "-m", "embedcache", "--help"]):
         result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "embedcache demo" in result.stdout
+
+
+def test_probe_and_predict_commands(runner, tmp_path):
+    data = make_image_folder(tmp_path / "d", per_class=12, split_dirs=True)
+    cache = tmp_path / "c"
+    invoke(runner, "extract", data, "-b", TINY, "--workers", 0, "--cache-dir", cache)
+    key = next(cache.glob("*.h5")).name[:6]
+    result = invoke(runner, "probe", key, "--cache-dir", cache, "--out", tmp_path / "p")
+    assert result.exit_code == 0, result.output
+    assert "<- chosen" in result.stdout and "test       top-1" in result.stdout
+    assert (tmp_path / "p" / "probe.safetensors").exists()
+    fixed = invoke(runner, "probe", key, "--cache-dir", cache, "--penalty", "0.01", "--head", "sklearn", "--json")
+    assert json.loads(fixed.stdout)["penalty"] == 0.01
+    pred = invoke(runner, "predict", tmp_path / "p", data / "test", "--workers", 0, "--top-k", 2,
+                  "--out", tmp_path / "pred.csv")
+    assert pred.exit_code == 0 and "24 images classified, 0 failed; top-1 accuracy" in pred.stdout
+    header = (tmp_path / "pred.csv").read_text().splitlines()[0]
+    assert header == "path,true,pred1,prob1,pred2,prob2"
+
+
+def test_no_sweep_without_penalty_is_a_usage_error(runner, tmp_path):
+    result = runner.invoke(main, ["probe", "abcd", "--no-sweep", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "--no-sweep needs --penalty" in result.output
