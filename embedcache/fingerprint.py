@@ -15,8 +15,9 @@ import hashlib
 import json
 from typing import Any
 
+from importlib import metadata
+
 import torch
-import torchvision
 
 #: Bump when the HDF5 layout or the meaning of a stored value changes.
 FORMAT_VERSION = 1
@@ -46,9 +47,11 @@ def _major_minor(version: str) -> str:
 
 def library_versions() -> dict[str, str]:
     """Major.minor of the libraries whose kernels produce the numbers."""
+    # The installed distribution's version: same as torchvision.__version__, without paying
+    # for importing torchvision (over a second) on commands that never need it.
     return {
         "torch": _major_minor(torch.__version__),
-        "torchvision": _major_minor(torchvision.__version__),
+        "torchvision": _major_minor(metadata.version("torchvision")),
     }
 
 
