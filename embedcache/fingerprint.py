@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
-
 from importlib import metadata
+from typing import Any
 
 import torch
 

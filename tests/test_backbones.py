@@ -139,3 +139,17 @@ def test_timm_backbone_when_installed():
     bb = bbm.get_backbone("timm:resnet18", weights="none")
     assert bb.dim == 512 and bb.weights_tag == "none"
     assert bb.preprocess.crop_size == 224
+
+
+def test_entry_point_plugins_are_found(monkeypatch):
+    class FakeEntryPoint:
+        name = "plugin-tiny"
+
+        def load(self):
+            from tests.tiny_backbone import tiny_factory
+
+            return tiny_factory
+
+    monkeypatch.setattr(bbm.metadata, "entry_points", lambda group: [FakeEntryPoint()] if group == bbm.ENTRY_POINT_GROUP else [])
+    assert bbm.get_backbone("plugin-tiny").dim == 8
+    assert "plugin-tiny" in {r.name for r in bbm.list_backbones(with_torchvision_dims=False)}
