@@ -103,3 +103,18 @@ def test_fewshot_cli(folder, tmp_path):
     result = CliRunner().invoke(main, ["fewshot", str(store.path), "--shots", "1,2", "--seeds", "3"])
     assert result.exit_code == 0, result.output
     assert "k per class" in result.stdout and "3 seeds" in result.stdout
+
+
+def test_joint_fewshot_solver_matches_one_probe_per_seed():
+    from embedcache.bench import fit_many_torch
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(300, 16)).astype(np.float32) + np.repeat(np.eye(3, 16) * 2, 100, axis=0).astype(np.float32)
+    labels = np.repeat(np.arange(3), 100)
+    row_sets = [draw_shots(labels, np.arange(300), 5, seed) for seed in range(3)]
+    joint = fit_many_torch(features, labels, row_sets, penalty=0.1, tol=1e-7, max_iter=1000)
+    for rows, (coef, intercept, classes) in zip(row_sets, joint, strict=True):
+        single = TorchLinearProbe(penalty=0.1, tol=1e-7, max_iter=1000).fit(features[rows], labels[rows])
+        np.testing.assert_allclose(coef, single.coef_, atol=2e-3)
+        np.testing.assert_allclose(intercept, single.intercept_, atol=2e-3)
+        assert list(classes) == list(single.classes_)
