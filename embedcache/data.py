@@ -3,8 +3,11 @@
 An :class:`ImageSource` is an ordered list of :class:`Sample` rows (relative path, label, split,
 size, mtime) plus a way to decode row ``i`` into an RGB PIL image. :func:`open_source` picks the
 kind from one string: an image folder, a ``.csv`` manifest, ``.npz`` arrays, ``demo``, or
-``torchvision:NAME:ROOT``. Nothing is ever downloaded. Decoding one file safely is
-:mod:`embedcache.decode`'s job; its names are re-exported here for existing callers.
+``torchvision:NAME:ROOT``. Nothing is ever downloaded. This module holds the source base classes,
+folder and CSV scanning, the seeded hold-out splits, ``open_source`` and the torch dataset/collate.
+Array, demo and torchvision sources live in :mod:`embedcache.datasets`, writing a source out as an
+image folder in :mod:`embedcache.materialize`, decoding one file safely in
+:mod:`embedcache.decode`; their public names are re-exported here for existing callers.
 
 The manifest hash (:meth:`ImageSource.manifest_sha256`) uses only root-relative paths, so a data set
 moved to another directory is still the same cache entry; any change of a file's size, mtime, label
@@ -15,10 +18,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import gzip
 import hashlib
-import importlib.resources
-import inspect
+import importlib.resources  # noqa: F401 - still bound here: tests reach data.importlib
 import json
 import math
 import os
@@ -50,16 +51,6 @@ IMAGE_EXTENSIONS = frozenset(
 )
 _IGNORED_NAMES = frozenset({"__MACOSX"})
 
-_IDX_DATASETS = {
-    "MNIST": [f"{i} - {w}" for i, w in enumerate(
-        ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])],
-    "FashionMNIST": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
-    "KMNIST": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
-}
-_IDX_FILES = {TRAIN: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-              TEST: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-DEMO_FILE = "fashion_mnist_demo.npz"
 
 
 @dataclass(frozen=True)
@@ -322,249 +313,6 @@ def _safe_relative(raw: str, root: str, real_root: str, where: str) -> str:
     return rel
 
 
-class ArraySource(ImageSource):
-    """Images held in memory as a uint8 array, ``(N, H, W)`` gray or ``(N, H, W, 3)`` RGB.
-
-    Sample paths are ``"{split_name}/{i:06d}"`` where ``i`` counts within the split given here
-    (``unsplit/...`` when ``splits`` is None); a later seeded hold-out does not rename them.
-    """
-
-    kind = "arrays"
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, splits: np.ndarray | None,
-                 class_names: list[str], description: str, *, kind: str = "arrays",
-                 root: str = "") -> None:
-        images = np.asarray(images)
-        labels = np.asarray(labels).astype(np.int64).reshape(-1)
-        n = len(images)
-        if images.dtype != np.uint8 or not (
-            images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)
-        ):
-            raise DataSourceError(
-                f"Array images must be uint8 of shape (N, H, W) or (N, H, W, 3). "
-                f"Got {images.dtype} {images.shape}."
-            )
-        splits = np.full(n, UNSPLIT, np.uint8) if splits is None else np.asarray(splits, np.uint8)
-        if len(labels) != n or len(splits) != n:
-            raise DataSourceError(
-                f"Array source needs one label and one split per image: {n} images, "
-                f"{len(labels)} labels, {len(splits)} splits."
-            )
-        if n and (labels.max() >= len(class_names) or labels.min() < -1):
-            raise DataSourceError(
-                f"Array labels must be in [-1, {len(class_names) - 1}] for {len(class_names)} "
-                f"class names. Got range [{labels.min()}, {labels.max()}]."
-            )
-        counters = dict.fromkeys(SPLIT_NAMES, 0)
-        samples = []
-        for label, split in zip(labels.tolist(), splits.tolist(), strict=True):
-            samples.append(Sample(f"{SPLIT_NAMES[split]}/{counters[split]:06d}", label, split))
-            counters[split] += 1
-        super().__init__(root=root, samples=samples, class_names=[str(c) for c in class_names],
-                         description=description)
-        self.kind = kind
-        self.images = images
-        self._content_sha256: str | None = None
-
-    @classmethod
-    def from_npz(cls, path: str | os.PathLike, *, description: str | None = None) -> ArraySource:
-        """Load ``train_images``/``train_labels``/``test_images``/``test_labels``/``class_names``."""
-        path = os.fspath(path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                parts = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as exc:
-            raise DataSourceError(f"Cannot read arrays from {path!r}: {exc}") from None
-        missing = {"train_images", "train_labels", "class_names"} - set(parts)
-        if missing:
-            raise DataSourceError(f"{path!r} lacks the arrays {sorted(missing)}.")
-        images, labels, splits = [parts["train_images"]], [parts["train_labels"]], [
-            np.full(len(parts["train_images"]), TRAIN, np.uint8)]
-        if "test_images" in parts:
-            images.append(parts["test_images"])
-            labels.append(parts["test_labels"])
-            splits.append(np.full(len(parts["test_images"]), TEST, np.uint8))
-        names = [str(c) for c in parts["class_names"].tolist()]
-        n = sum(len(i) for i in images)
-        return cls(np.concatenate(images), np.concatenate(labels), np.concatenate(splits), names,
-                   description or _describe("arrays", path, names, n))
-
-    def load_image(self, index: int) -> Image.Image:
-        array = self.images[index]
-        return Image.fromarray(array, "L" if array.ndim == 2 else "RGB").convert("RGB")
-
-    def _manifest_extra(self) -> dict:
-        if self._content_sha256 is None:
-            digest = hashlib.sha256(str(self.images.shape).encode())
-            digest.update(np.ascontiguousarray(self.images).data)
-            digest.update(np.asarray([s.label for s in self.samples], "<i8").tobytes())
-            self._content_sha256 = digest.hexdigest()
-        return {"arrays_sha256": self._content_sha256}
-
-
-def demo_source() -> ArraySource:
-    """The packaged Fashion-MNIST subset (``embedcache/demo_data/fashion_mnist_demo.npz``)."""
-    resource = importlib.resources.files("embedcache").joinpath("demo_data", DEMO_FILE)
-    if not resource.is_file():
-        raise DataSourceError(
-            f"The demo data embedcache/demo_data/{DEMO_FILE} is not installed with this package."
-        )
-    with importlib.resources.as_file(resource) as path:
-        source = ArraySource.from_npz(path)
-    source.description = _describe("demo Fashion-MNIST subset", "", source.class_names,
-                                    len(source))
-    return source
-
-
-# --------------------------------------------------------------------------------------------
-# torchvision data sets, read from local files only
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Parse an IDX file (plain or ``.gz``) of unsigned bytes into a numpy array."""
-    path = os.fspath(path)
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as handle:
-            data = handle.read()
-    except (OSError, EOFError) as exc:
-        raise DataSourceError(f"Cannot read IDX file {path!r}: {exc}") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DataSourceError(f"{path!r} is not an IDX file of unsigned bytes (bad magic).")
-    ndim = data[3]
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    offset = 4 + 4 * ndim
-    if len(data) - offset != math.prod(shape):
-        raise DataSourceError(
-            f"{path!r} is truncated or malformed: header says {shape}, "
-            f"{len(data) - offset} bytes of data."
-        )
-    return np.frombuffer(data, np.uint8, offset=offset).reshape(shape)
-
-
-def idx_source(name: str, root: str | os.PathLike) -> ArraySource:
-    """MNIST / FashionMNIST / KMNIST from their IDX files in ROOT, ROOT/raw or ROOT/NAME/raw."""
-    root = os.path.abspath(os.fspath(root))
-    candidates = [root, os.path.join(root, "raw"), os.path.join(root, name, "raw")]
-    for folder in candidates:
-        found = {}
-        for stem in (s for pair in _IDX_FILES.values() for s in pair):
-            found[stem] = next((os.path.join(folder, stem + ext) for ext in (".gz", "")
-                                if os.path.isfile(os.path.join(folder, stem + ext))), None)
-        if all(found.values()):
-            break
-    else:
-        expected = ", ".join(f"{s}[.gz]" for pair in _IDX_FILES.values() for s in pair)
-        raise DataSourceError(
-            f"torchvision:{name}: IDX files not found. Looked in {candidates}; expected {expected}. "
-            f"Nothing is downloaded: copy the files there (e.g. from the Debian package "
-            f"'fashion-mnist' at /usr/share/datasets/fashion-mnist)."
-        )
-    images, labels, splits = [], [], []
-    for split, (image_stem, label_stem) in _IDX_FILES.items():
-        part_images, part_labels = read_idx(found[image_stem]), read_idx(found[label_stem])
-        if part_images.ndim != 3 or part_labels.shape != (len(part_images),):
-            raise DataSourceError(
-                f"torchvision:{name}: {found[image_stem]!r} {part_images.shape} and "
-                f"{found[label_stem]!r} {part_labels.shape} do not match."
-            )
-        images.append(part_images)
-        labels.append(part_labels)
-        splits.append(np.full(len(part_images), split, np.uint8))
-    names = _IDX_DATASETS[name]
-    n = sum(len(i) for i in images)
-    return ArraySource(np.concatenate(images), np.concatenate(labels), np.concatenate(splits),
-                       names, _describe(f"torchvision {name}", folder, names, n),
-                       kind="torchvision", root=folder)
-
-
-class TorchvisionSource(ImageSource):
-    """Any other torchvision data set class, built with ``download=False`` and read lazily.
-
-    Labels come from the data set's ``targets``/``_labels``/``labels`` attribute when present
-    (otherwise every item is read once). The manifest includes (relative path, size, mtime) of
-    every file under ROOT, since the samples themselves carry no file identity.
-    """
-
-    kind = "torchvision"
-
-    def __init__(self, name: str, root: str | os.PathLike) -> None:
-        root = os.path.abspath(os.fspath(root))
-        import torchvision.datasets
-
-        cls = getattr(torchvision.datasets, name, None)
-        if not (inspect.isclass(cls) and issubclass(cls, torch.utils.data.Dataset)):
-            known = sorted(n for n in dir(torchvision.datasets) if n[0].isupper())
-            raise DataSourceError(
-                f"Unknown torchvision dataset {name!r}. Known: {', '.join(known)}."
-            )
-        params = inspect.signature(cls).parameters
-        kwargs = {"download": False} if "download" in params else {}
-        if "train" in params:
-            attempts = [(TRAIN, {"train": True}), (TEST, {"train": False})]
-        elif "split" in params:
-            attempts = [(SPLIT_ALIASES[s], {"split": s}) for s in ("train", "val", "valid", "test")]
-        else:
-            attempts = [(UNSPLIT, {})]
-        self.parts: list[tuple[int, torch.utils.data.Dataset]] = []
-        errors = []
-        for split, extra in attempts:
-            try:
-                self.parts.append((split, cls(root, **kwargs, **extra)))
-            except Exception as exc:  # noqa: BLE001 - each class fails in its own way
-                errors.append(f"{extra or 'default'}: {exc}")
-        if not self.parts:
-            raise DataSourceError(
-                f"torchvision:{name}: cannot load from {root!r} with download=False "
-                f"(nothing is downloaded). {' | '.join(errors)}"
-            )
-        samples, self._locations = [], []
-        for part_number, (split, dataset) in enumerate(self.parts):
-            for i, label in enumerate(_dataset_labels(dataset)):
-                samples.append(Sample(f"{SPLIT_NAMES[split]}/{i:06d}", label, split))
-                self._locations.append((part_number, i))
-        classes = getattr(self.parts[0][1], "classes", None)
-        if classes is None:
-            classes = [str(i) for i in range(max((s.label for s in samples), default=-1) + 1)]
-        class_names = [str(c) for c in classes]
-        super().__init__(root=root, samples=samples, class_names=class_names,
-                         description=_describe(f"torchvision {name}", root, class_names,
-                                               len(samples)))
-
-    def load_image(self, index: int) -> Image.Image:
-        part, i = self._locations[index]
-        try:
-            image = self.parts[part][1][i][0]
-            if isinstance(image, torch.Tensor):
-                image = image.numpy()
-                image = image.transpose(1, 2, 0) if image.ndim == 3 and image.shape[0] in (1, 3) \
-                    else image
-            if isinstance(image, np.ndarray):
-                image = Image.fromarray(image.squeeze())
-            return to_rgb(image)
-        except DecodeError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - data set classes raise anything
-            raise DecodeError(f"cannot load item ({type(exc).__name__}: {exc})") from None
-
-    def _manifest_extra(self) -> dict:
-        files = []
-        for dirpath, _, filenames in os.walk(self.root):
-            for f in filenames:
-                stat = os.stat(os.path.join(dirpath, f))
-                rel = Path(os.path.relpath(os.path.join(dirpath, f), self.root)).as_posix()
-                files.append([rel, stat.st_size, stat.st_mtime_ns])
-        return {"files": sorted(files)}
-
-
-def _dataset_labels(dataset) -> list[int]:
-    for attr in ("targets", "_labels", "labels", "_targets"):
-        values = getattr(dataset, attr, None)
-        if values is not None and len(values) == len(dataset):
-            return [int(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
-    return [int(dataset[i][1]) for i in range(len(dataset))]
-
-
 # --------------------------------------------------------------------------------------------
 # Opening a source and assigning splits
 
@@ -702,77 +450,15 @@ def collate_images(items) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, s
     return indices, batch, failures
 
 
-# --------------------------------------------------------------------------------------------
-# Materialising a source as an image folder
-
-
-def write_image_folder(source: ImageSource, dest: str | os.PathLike, *,
-                       limit_per_split: dict[int, int] | int | None = None,
-                       stratified: bool = True) -> int:
-    """Write ``dest/<split>/<class>/<name>.png`` for every (selected) sample; return the count.
-
-    Args:
-        source: any source; all samples labelled and split, or all unlabelled and unsplit
-            (then ``dest/<name>.png``).
-        dest: a new or empty folder.
-        limit_per_split: at most this many images per split; a dict limits the splits it
-            names and skips the others; None writes everything.
-        stratified: when limiting, take classes round-robin (balanced) instead of in order.
-
-    Images that fail to decode are skipped (not counted). Class names are made safe as folder
-    names (``/`` becomes ``_``, so ``T-shirt/top`` is written as ``T-shirt_top``).
-    """
-    dest = os.path.abspath(os.fspath(dest))
-    if os.path.isdir(dest) and os.listdir(dest):
-        raise ConfigError(f"The 'dest' folder {dest!r} must be new or empty; it holds files.")
-    labelled = {s.label >= 0 for s in source.samples}
-    split = {s.split != UNSPLIT for s in source.samples}
-    if len(labelled) > 1 or len(split) > 1 or labelled != split:
-        raise DataSourceError(
-            "write_image_folder needs every sample labelled and split, or every sample "
-            f"unlabelled and unsplit; {source.description} mixes them."
-        )
-    folders = [_safe_folder_name(c) for c in source.class_names]
-    if len(set(folders)) != len(folders):
-        raise DataSourceError(f"Class names {source.class_names} collide as folder names.")
-    chosen: list[int] = []
-    for code in sorted({s.split for s in source.samples}):
-        members = [i for i, s in enumerate(source.samples) if s.split == code]
-        limit = limit_per_split.get(code, 0) if isinstance(limit_per_split, dict) else (
-            limit_per_split)
-        if limit is not None and stratified:
-            members = _round_robin(members, [source.samples[i].label for i in members])
-        chosen.extend(members if limit is None else members[:limit])
-    written, used = 0, set()
-    for i in sorted(chosen):
-        sample = source.samples[i]
-        parts = [] if sample.split == UNSPLIT else [SPLIT_NAMES[sample.split], folders[sample.label]]
-        stem = posixpath.splitext(posixpath.basename(sample.path))[0]
-        target = os.path.join(dest, *parts, stem + ".png")
-        if target in used:
-            target = os.path.join(dest, *parts, f"{stem}_{i:06d}.png")
-        try:
-            image = source.load_image(i)
-        except DecodeError:
-            continue
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        image.save(target, format="PNG")
-        used.add(target)
-        written += 1
-    return written
-
-
-def _safe_folder_name(name: str) -> str:
-    safe = name.replace("/", "_").replace("\\", "_").replace("\0", "_").strip()
-    return ("_" + safe) if not safe or safe.startswith(".") else safe
-
-
-def _round_robin(members: list[int], labels: list[int]) -> list[int]:
-    by_class: dict[int, list[int]] = {}
-    for i, label in zip(members, labels, strict=True):
-        by_class.setdefault(label, []).append(i)
-    queues = [by_class[k] for k in sorted(by_class)]
-    order = []
-    for depth in range(max((len(q) for q in queues), default=0)):
-        order.extend(q[depth] for q in queues if depth < len(q))
-    return order
+# Re-exported for existing callers (``from embedcache.data import ArraySource`` ...) and used by
+# open_source. Imported last: both modules build on the classes defined above.
+from embedcache.datasets import (  # noqa: E402, F401
+    _IDX_DATASETS,
+    DEMO_FILE,
+    ArraySource,
+    TorchvisionSource,
+    demo_source,
+    idx_source,
+    read_idx,
+)
+from embedcache.materialize import write_image_folder  # noqa: E402, F401
