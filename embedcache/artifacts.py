@@ -135,22 +135,34 @@ def load_probe(path: str | os.PathLike) -> LoadedProbe:
     if not meta_path.is_file():
         raise ConfigError(f"No probe at {str(path)!r}: expected a directory with probe.json "
                           f"(written by `embedcache probe ENTRY --out DIR`).")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"Cannot read probe metadata {str(meta_path)!r} ({exc}).") from exc
+    weights_file = directory / ("probe.safetensors" if meta.get("head") == "torch" else "probe.joblib")
+    if meta.get("head") in ("torch", "sklearn") and not weights_file.is_file():
+        raise ConfigError(f"Incomplete probe directory {str(directory)!r}: {weights_file.name} is missing.")
     if meta.get("head") == "torch":
         from safetensors.numpy import load_file
 
         from embedcache.probe import TorchLinearProbe
 
-        tensors = load_file(str(directory / "probe.safetensors"))
-        est = TorchLinearProbe(penalty=meta["penalty"], standardize=meta["standardize"])
-        est.classes_ = tensors["classes"]
-        est.coef_, est.intercept_ = tensors["coef"], tensors["intercept"]
-        est.mean_, est.scale_ = tensors["mean"], tensors["scale"]
+        try:
+            tensors = load_file(str(weights_file))
+            est = TorchLinearProbe(penalty=meta["penalty"], standardize=meta["standardize"])
+            est.classes_ = tensors["classes"]
+            est.coef_, est.intercept_ = tensors["coef"], tensors["intercept"]
+            est.mean_, est.scale_ = tensors["mean"], tensors["scale"]
+        except Exception as exc:  # corrupt or foreign file: name it, never a traceback
+            raise ConfigError(f"Cannot load probe weights {str(weights_file)!r} ({exc}).") from exc
         est.n_features_in_ = est.coef_.shape[1]
     elif meta.get("head") == "sklearn":
         import joblib
 
-        est = joblib.load(directory / "probe.joblib")  # trusted files only: joblib is pickle
+        try:
+            est = joblib.load(weights_file)  # trusted files only: joblib is pickle
+        except Exception as exc:
+            raise ConfigError(f"Cannot load probe {str(weights_file)!r} ({exc}).") from exc
     else:
         raise ConfigError(f"{meta_path} names an unknown head {meta.get('head')!r}.")
     return LoadedProbe(est, meta, directory)

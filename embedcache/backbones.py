@@ -502,6 +502,11 @@ def get_backbone(
     Returns:
         A :class:`Backbone` whose module is in eval mode with gradients disabled.
     """
+    if layer is None and pool != "avg":
+        raise ConfigError(
+            f"The 'pool' parameter ({pool!r}) only applies with 'layer'; the default features are "
+            f"already pooled by the model. Pass --layer NODE too, or drop --pool."
+        )
     if pool not in POOLS:
         raise ConfigError(f"The 'pool' parameter must be one of {list(POOLS)}. Got {pool!r} instead.")
     factory = _resolve_factory(name)

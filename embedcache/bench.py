@@ -43,6 +43,8 @@ def parse_backbone_item(item: str) -> dict[str, Any]:
             size = int(raw)
         except ValueError:
             raise ConfigError(f"Backbone item {item!r}: the size after '@' must be an int.") from None
+        if size < 1:
+            raise ConfigError(f"Backbone item {item!r}: the size after '@' must be a positive int.")
     if not text:
         raise ConfigError(f"Backbone item {item!r} has no name.")
     return {"backbone": text, "image_size": size, "weights": weights, "label": item.strip()}
@@ -82,7 +84,7 @@ def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
     for item in backbones:
         spec = parse_backbone_item(item)
         store = extract(data, backbone=spec["backbone"], weights=spec["weights"],
-                        image_size=spec["image_size"] or image_size, cache_dir=cache_dir,
+                        image_size=image_size if spec["image_size"] is None else spec["image_size"], cache_dir=cache_dir,
                         batch_size=batch_size, workers=workers, device=device, progress=extract_progress)
         result = probe(store, head=head, seed=seed)
         rate = store.attrs.get("extract_images_per_s")

@@ -252,8 +252,11 @@ def info(entry: str, cache_dir: Path, as_json: bool, max_errors_shown: int) -> N
     click.echo(f"preprocess {json.dumps(a['preprocess'])}")
     click.echo(f"precision  {a['precision']}   versions {json.dumps(a['versions'])}")
     click.echo(f"source     {a['source'].get('description', '')}")
-    click.echo(f"classes    {len(store.class_names)}: {', '.join(store.class_names[:12])}"
-               f"{' ...' if len(store.class_names) > 12 else ''}")
+    if store.class_names:
+        click.echo(f"classes    {len(store.class_names)}: {', '.join(store.class_names[:12])}"
+                   f"{' ...' if len(store.class_names) > 12 else ''}")
+    else:
+        click.echo("classes    none (unlabelled)")
     counts = {name: int(np.sum(store.splits == code)) for code, name in
               {0: "train", 1: "val", 2: "test", 3: "unsplit"}.items()}
     click.echo("splits     " + "  ".join(f"{k} {v}" for k, v in counts.items() if v))

@@ -339,7 +339,7 @@ def open_source(data: str | os.PathLike, *, unlabelled: bool | None = None,
             f"val_fraction + test_fraction must be < 1 so that some images stay in train. "
             f"Got {val_fraction} + {test_fraction}."
         )
-    text = os.fspath(data)
+    text = os.path.expanduser(os.fspath(data))
     if text == "demo":
         source: ImageSource = demo_source()
     elif text.startswith("torchvision:"):

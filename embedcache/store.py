@@ -248,8 +248,8 @@ def resolve_entry(entry: str | os.PathLike, cache_dir: str | os.PathLike) -> Pat
             f"{', '.join(p.name for p in matches)}. Give more of the key."
         )
     raise CacheError(
-        f"No cache entry {text!r} (as a path, or a key prefix in {str(cache_dir)!r}). "
-        f"See `embedcache ls`."
+        f"No cache entry {text!r} (as a path, or a key prefix of at least 4 hex digits in "
+        f"{str(cache_dir)!r}). See `embedcache ls`."
     )
 
 
@@ -288,8 +288,22 @@ def reusable_rows(source: Path) -> dict[tuple[str, int, int], int]:
 
 
 def remove_entry(path: str | os.PathLike) -> list[Path]:
-    """Delete an entry (and its partial/lock siblings). Returns the files removed."""
+    """Delete an entry (and its partial/lock siblings). Returns the files removed.
+
+    Refuses anything that is not named like an entry or does not carry the embedcache format
+    attribute (an unreadable ``.partial`` is still removable: it is ours by name).
+    """
     path = Path(path)
+    if not (path.name.endswith(SUFFIX) or path.name.endswith(PARTIAL_SUFFIX)):
+        raise CacheError(f"{str(path)!r} is not a cache entry (expected a .h5 or .h5.partial file).")
+    if path.name.endswith(SUFFIX):
+        try:
+            with h5py.File(path, "r", locking=False) as handle:
+                is_ours = handle.attrs.get("format") == FORMAT_NAME
+        except OSError:
+            is_ours = False
+        if not is_ours:
+            raise CacheError(f"{str(path)!r} is not an embedcache entry; not deleting it.")
     name = path.name
     for suffix in (PARTIAL_SUFFIX, SUFFIX):
         if name.endswith(suffix):

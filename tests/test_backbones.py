@@ -153,3 +153,8 @@ def test_entry_point_plugins_are_found(monkeypatch):
     monkeypatch.setattr(bbm.metadata, "entry_points", lambda group: [FakeEntryPoint()] if group == bbm.ENTRY_POINT_GROUP else [])
     assert bbm.get_backbone("plugin-tiny").dim == 8
     assert "plugin-tiny" in {r.name for r in bbm.list_backbones(with_torchvision_dims=False)}
+
+
+def test_pool_without_layer_is_refused():
+    with pytest.raises(ConfigError, match="only applies with 'layer'"):
+        bbm.get_backbone(TINY, pool="max")

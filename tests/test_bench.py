@@ -118,3 +118,8 @@ def test_joint_fewshot_solver_matches_one_probe_per_seed():
         np.testing.assert_allclose(coef, single.coef_, atol=2e-3)
         np.testing.assert_allclose(intercept, single.intercept_, atol=2e-3)
         assert list(classes) == list(single.classes_)
+
+
+def test_zero_size_backbone_item_is_refused():
+    with pytest.raises(ConfigError, match="positive int"):
+        parse_backbone_item("pixels@0")

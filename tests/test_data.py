@@ -497,3 +497,11 @@ def test_write_image_folder_refuses_non_empty_dest_and_skips_bad(tmp_path):
     assert write_image_folder(source, tmp_path / "dest") == 2
     with pytest.raises(ConfigError, match=r"'dest' folder .* must be new or empty"):
         write_image_folder(source, tmp_path / "dest")
+
+
+def test_open_source_expands_the_home_directory(tmp_path, monkeypatch):
+    from tests.tiny_backbone import make_image_folder
+
+    make_image_folder(tmp_path / "imgs", per_class=2)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert len(open_source("~/imgs")) == 4

@@ -188,3 +188,11 @@ def test_failed_save_leaves_no_half_written_probe(cached, tmp_path, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         probe(store, out=tmp_path / "p", penalty=1e-3)
     assert not (tmp_path / "p" / "probe.json").exists()
+
+
+@pytest.mark.parametrize("content, match", [(None, "probe.safetensors is missing"), ("{bad", "Cannot read probe metadata")])
+def test_broken_probe_directories_get_a_named_error(tmp_path, content, match):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "probe.json").write_text(content or json.dumps({"head": "torch", "penalty": 1.0}))
+    with pytest.raises(ConfigError, match=match):
+        load_probe(tmp_path / "p")
