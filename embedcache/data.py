@@ -16,6 +16,7 @@ or split gives a new hash.
 
 from __future__ import annotations
 
+import abc
 import csv
 import dataclasses
 import hashlib
@@ -76,7 +77,7 @@ class Sample:
 # Sources
 
 
-class ImageSource:
+class ImageSource(abc.ABC):
     """An ordered list of samples and a way to decode each one.
 
     Attributes:
@@ -102,9 +103,9 @@ class ImageSource:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.description}>"
 
+    @abc.abstractmethod
     def load_image(self, index: int) -> Image.Image:
         """Decode sample ``index`` as an RGB image; raises DecodeError with a short reason."""
-        raise NotImplementedError
 
     def split_counts(self) -> dict[str, int]:
         """Number of samples per split name (only splits that occur)."""
