@@ -49,6 +49,10 @@ def _human_bytes(size: float) -> str:
     return f"{size:.1f} GB"
 
 
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()  # noqa: E731
@@ -85,9 +89,13 @@ def _progress_bar(total_hint: int | None = None):
     def update(p: Any) -> None:
         bar = state.get("bar")
         if bar is None:
-            bar = state["bar"] = tqdm(total=p.total, unit="img", dynamic_ncols=True, file=sys.stderr)
+            # Our own images/s (measured from the start of the model loop) instead of tqdm's,
+            # which is meaningless on the first tick and counts resumed rows as fresh work.
+            bar = state["bar"] = tqdm(
+                total=p.total, unit="img", dynamic_ncols=True, file=sys.stderr,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
         bar.n = p.done
-        bar.set_postfix(failed=p.failed, refresh=False)
+        bar.set_postfix_str(f"{p.images_per_s:.0f} img/s, {p.failed} failed", refresh=False)
         bar.refresh()
 
     def close() -> None:
@@ -214,7 +222,7 @@ def ls_command(cache_dir: Path, as_json: bool) -> None:
             str(e.get("cache_key", ""))[:16],
             f"{bb.get('name')}" + (f"@{bb.get('layer')}" if bb.get("layer") else "")
             + f" [{bb.get('weights')}] {e.get('preprocess', {}).get('crop_size', '')}px {e.get('precision', '')}",
-            src.get("description", "")[:48],
+            _clip(src.get("description", ""), 48),
             str(e.get("n", "")),
             str(e.get("dim", "")),
             "yes" if e.get("complete") else f"no ({e.get('rows_done', 0)} done)",
