@@ -322,11 +322,13 @@ def sweep_penalty(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
         params.setdefault("max_iter", SWEEP_MAX_ITER)
         params.setdefault("data_dtype", _fast_data_dtype(params.get("device", "cpu")))
     estimator = make_head(head, penalty=ordered[0], warm_start=True, **params)
+    X_val, y_val = _check_features(X_val, name="X_val"), np.asarray(y_val)  # checked once, not per fit
     accuracies, iterations, seconds = [], [], []
     for penalty in ordered:
         estimator.set_params(penalty=penalty)
         estimator.fit(X_train, y_train)
-        accuracies.append(float(np.mean(estimator.predict(X_val) == np.asarray(y_val))))
+        scores = X_val @ estimator.coef_.T + estimator.intercept_
+        accuracies.append(float(np.mean(np.asarray(estimator.classes_)[np.argmax(scores, axis=1)] == y_val)))
         iterations.append(int(estimator.n_iter_))
         seconds.append(float(estimator.fit_seconds_))
     best = int(np.argmax(accuracies))  # argmax returns the first (strongest) of equal maxima
