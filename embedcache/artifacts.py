@@ -22,20 +22,10 @@ from typing import Any
 import numpy as np
 
 from embedcache.errors import ConfigError, WeightsError
+from embedcache.fingerprint import software_versions
 
 ARTIFACT_VERSION = 1
 _COMPARED = ("name", "weights", "weights_sha256", "layer", "pool")
-
-
-def _versions() -> dict[str, str]:
-    import sklearn
-    import torch
-    import torchvision
-
-    from embedcache import __version__
-
-    return {"embedcache": __version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "scikit-learn": sklearn.__version__}
 
 
 def save_probe(result: Any, store: Any, out: Path) -> Path:
@@ -62,7 +52,7 @@ def save_probe(result: Any, store: Any, out: Path) -> Path:
         "preprocess": store.attrs.get("preprocess"),
         "precision": store.attrs.get("precision"),
         "metrics": {k: v for k, v in result.metrics.items() if k != "confusion_matrix"},
-        "versions": _versions(),
+        "versions": software_versions(),
     }
     staged: list[tuple[Path, Path]] = []
 

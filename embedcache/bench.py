@@ -254,7 +254,7 @@ def fewshot(entry: str | os.PathLike | Any, *, shots: list[int] = (1, 2, 5, 10, 
         raise ConfigError(f"The 'seeds' parameter must be a positive int. Got {seeds!r}.")
     store = entry if isinstance(entry, FeatureStore) else FeatureStore.open(
         resolve_entry(entry, cache_dir or default_cache_dir()))
-    from embedcache.probe import _check_features
+    from embedcache.probe import _check_features, predict_linear
 
     features = _check_features(store.features, name="cached features")  # validated once, here
     labels = store.labels
@@ -280,7 +280,7 @@ def fewshot(entry: str | os.PathLike | Any, *, shots: list[int] = (1, 2, 5, 10, 
         accuracies = []
         for coef, intercept, classes in fitted:
             # Score with the fitted linear map directly: x_test was validated above.
-            predicted = classes[np.argmax(x_test @ coef.T + intercept, axis=1)]
+            predicted = predict_linear(x_test, coef, intercept, classes)
             accuracies.append(float(np.mean(predicted == y_test)))
         results.append({"k": k, "mean": float(np.mean(accuracies)), "std": float(np.std(accuracies)),
                         "accuracies": accuracies})

@@ -25,7 +25,7 @@ from embedcache.backbones import Backbone, get_backbone
 from embedcache.errors import ConfigError, TooManyErrorsError
 from embedcache.fingerprint import cache_key as make_cache_key
 from embedcache.fingerprint import config_key as make_config_key
-from embedcache.fingerprint import library_versions
+from embedcache.fingerprint import library_versions, software_versions
 from embedcache.preprocess import normalize_batch
 from embedcache.store import (
     FeatureStore,
@@ -371,19 +371,8 @@ def extract(
     return store
 
 
-def _versions() -> dict[str, str]:
-    import PIL
-    import torchvision
-
-    from embedcache import __version__
-
-    return {
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "Pillow": PIL.__version__,
-        "embedcache": __version__,
-        "key_libraries": library_versions(),
-    }
+def _versions() -> dict[str, Any]:
+    return {**software_versions(), "key_libraries": library_versions()}
 
 
 def _reuse_unchanged_rows(writer: StoreWriter, plan: dict[str, Any], samples: list) -> int:

@@ -54,6 +54,18 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def software_versions() -> dict[str, str]:
+    """Full versions of the libraries behind stored numbers and artifacts (provenance only;
+    the key uses :func:`library_versions`). Read from package metadata, nothing is imported."""
+    versions = {}
+    for name in ("embedcache", "torch", "torchvision", "Pillow", "scikit-learn", "h5py"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # e.g. running from a checkout that is not installed
+            versions[name] = "unknown"
+    return versions
+
+
 def config_payload(
     *,
     backbone: dict[str, Any],

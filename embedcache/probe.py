@@ -68,6 +68,11 @@ def _check_labels(y: Any, n: int) -> np.ndarray:
     return y
 
 
+def predict_linear(X: np.ndarray, coef: np.ndarray, intercept: np.ndarray, classes: Any) -> np.ndarray:
+    """Class labels from a linear map, for features that were already validated."""
+    return np.asarray(classes)[np.argmax(X @ coef.T + intercept, axis=1)]
+
+
 class _LinearMixin:
     """Shared prediction code: both heads expose ``coef_`` / ``intercept_`` on raw features."""
 
@@ -83,7 +88,9 @@ class _LinearMixin:
         return expo / expo.sum(axis=1, keepdims=True)
 
     def predict(self, X: Any) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        check_is_fitted(self, "coef_")
+        X = _check_features(X, n_features=self.coef_.shape[1])
+        return predict_linear(X, self.coef_, self.intercept_, self.classes_)
 
 
 def _standardisation(X: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -327,8 +334,8 @@ def sweep_penalty(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
     for penalty in ordered:
         estimator.set_params(penalty=penalty)
         estimator.fit(X_train, y_train)
-        scores = X_val @ estimator.coef_.T + estimator.intercept_
-        accuracies.append(float(np.mean(np.asarray(estimator.classes_)[np.argmax(scores, axis=1)] == y_val)))
+        predicted = predict_linear(X_val, estimator.coef_, estimator.intercept_, estimator.classes_)
+        accuracies.append(float(np.mean(predicted == y_val)))
         iterations.append(int(estimator.n_iter_))
         seconds.append(float(estimator.fit_seconds_))
     best = int(np.argmax(accuracies))  # argmax returns the first (strongest) of equal maxima
@@ -380,7 +387,6 @@ class ProbeResult:
     swept: bool
     sweep: SweepResult | None
     metrics: dict[str, Any]
-    val_metrics: dict[str, Any] | None  # reserved: per-split metrics of the chosen model
     split_sizes: dict[str, int]
     val_source: str
     seed: int
@@ -497,7 +503,7 @@ def probe_arrays(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, k
     metrics["fit_seconds"] = float(estimator.fit_seconds_)
     return ProbeResult(
         head=head, penalty=chosen, swept=sweep is not None, sweep=sweep, metrics=metrics,
-        val_metrics=None, split_sizes={"train": len(train), "val": len(val), "test": len(test)},
+        split_sizes={"train": len(train), "val": len(val), "test": len(test)},
         val_source=parts["val_source"], seed=seed, fit_seconds=float(estimator.fit_seconds_),
         total_seconds=time.perf_counter() - started, estimator=estimator,
     )
