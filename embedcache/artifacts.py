@@ -6,7 +6,9 @@ A probe directory holds:
   ``probe.joblib`` (sklearn head; joblib is pickle: load only files you trust),
 * ``probe.json``: head, classes and class names, penalty, standardisation, cache key, backbone
   spec, preprocessing, precision, metrics, versions,
-* ``report.json`` (the full probe report) and ``confusion.png`` when matplotlib is installed.
+* ``report.json`` (the full probe report) and ``confusion.png`` when matplotlib is installed,
+* for a fine-tuned model (``embedcache finetune``): ``backbone.safetensors``, the fine-tuned
+  backbone weights, named by ``weights_file`` in probe.json and used by ``predict`` automatically.
 
 ``predict`` needs only this directory: it rebuilds the backbone from the metadata.
 """
@@ -54,6 +56,23 @@ def save_probe(result: Any, store: Any, out: Path) -> Path:
         "metrics": {k: v for k, v in result.metrics.items() if k != "confusion_matrix"},
         "versions": software_versions(),
     }
+    if result.head == "torch":
+        write_probe_dir(out, meta, {**result.to_dict(), "probe": meta},
+                        tensors={"coef": est.coef_, "intercept": est.intercept_, "classes": est.classes_,
+                                 "mean": est.mean_, "scale": est.scale_})
+    else:
+        write_probe_dir(out, meta, {**result.to_dict(), "probe": meta}, estimator=est)
+    save_confusion_png(result.metrics, str(out / "confusion.png"),
+                       title=f"{store.backbone.get('name')} + {result.head} probe: "
+                             f"test top-1 {result.metrics['top1']:.3f}")
+    return out
+
+
+def write_probe_dir(out: Path, meta: dict[str, Any], report: dict[str, Any], *,
+                    tensors: dict[str, Any] | None = None, estimator: Any = None) -> None:
+    """Write probe.safetensors (``tensors``: coef, intercept, classes, mean, scale) or probe.joblib
+    (``estimator``), probe.json and report.json, each staged under a temporary name and moved into
+    place, so a crash never leaves a half-written probe behind."""
     staged: list[tuple[Path, Path]] = []
 
     def stage(name: str) -> Path:
@@ -61,25 +80,20 @@ def save_probe(result: Any, store: Any, out: Path) -> Path:
         staged.append((tmp, out / name))
         return tmp
 
-    if result.head == "torch":
+    if tensors is not None:
         from safetensors.numpy import save_file
 
-        save_file({"coef": est.coef_.astype(np.float32), "intercept": est.intercept_.astype(np.float32),
-                   "classes": np.asarray(est.classes_, dtype=np.int64),
-                   "mean": est.mean_.astype(np.float32), "scale": est.scale_.astype(np.float32)},
-                  str(stage("probe.safetensors")))
+        arrays = {k: np.ascontiguousarray(v, dtype=np.int64 if k == "classes" else np.float32)
+                  for k, v in tensors.items()}
+        save_file(arrays, str(stage("probe.safetensors")))
     else:
         import joblib
 
-        joblib.dump(est, stage("probe.joblib"))
+        joblib.dump(estimator, stage("probe.joblib"))
     stage("probe.json").write_text(json.dumps(meta, indent=2))
-    stage("report.json").write_text(json.dumps({**result.to_dict(), "probe": meta}, indent=2))
+    stage("report.json").write_text(json.dumps(report, indent=2))
     for tmp, final in staged:
         os.replace(tmp, final)
-    save_confusion_png(result.metrics, str(out / "confusion.png"),
-                       title=f"{store.backbone.get('name')} + {result.head} probe: "
-                             f"test top-1 {result.metrics['top1']:.3f}")
-    return out
 
 
 @dataclass
@@ -177,6 +191,8 @@ def predict(probe_path: str | os.PathLike, inputs: list[str], *, top_k: int = 1,
     if not isinstance(top_k, int) or top_k < 1:
         raise ConfigError(f"The 'top_k' parameter must be a positive int. Got {top_k!r}.")
     weights_tag = spec.get("weights")
+    if weights_path is None and meta.get("weights_file"):  # a fine-tuned model ships its backbone
+        weights_path = str(loaded.path / meta["weights_file"])
     if str(weights_tag).startswith("file:") and weights_path is None:
         raise WeightsError(
             f"This probe's backbone used a local weights file ({weights_tag[5:]}); pass it with "
@@ -230,7 +246,7 @@ def _open_inputs(inputs: list[str]) -> Any:
 
     if not inputs:
         raise ConfigError("Give at least one image file or folder to classify.")
-    if len(inputs) == 1 and not Path(inputs[0]).is_file():
+    if len(inputs) == 1 and (not Path(inputs[0]).is_file() or inputs[0].lower().endswith((".csv", ".npz"))):
         return open_source(inputs[0])
     files = [Path(p).resolve() for p in inputs]
     missing = [str(p) for p in files if not p.is_file()]

@@ -86,6 +86,9 @@ class Backbone:
     weights_sha256: str
     layer: str | None = None
     pool: str = "avg"
+    #: The whole network the module was cut from (parameters shared with ``module``): what
+    #: fine-tuning exports, so the weights file loads back into the architecture by name.
+    network: nn.Module | None = field(default=None, repr=False)
 
     def spec(self) -> dict[str, Any]:
         """The identity stored in the cache and in probe artifacts (plain data)."""
@@ -544,5 +547,6 @@ def get_backbone(
         weights_sha256=weights_sha256,
         layer=layer,
         pool=pool,
+        network=parts.model,
     )
 

@@ -74,6 +74,7 @@ def main() -> None:
       embedcache predict PROBE IMAGES...   # classify new images with a saved probe
       embedcache bench DATA --backbones a,b,pixels   # leaderboard across backbones
       embedcache fewshot ENTRY             # k-shot x seed learning curve in seconds
+      embedcache finetune PROBE DATA       # fine-tune the network, head starting from the probe
       embedcache ls / info ENTRY / rm ENTRY
     """
 
@@ -564,6 +565,9 @@ def demo(cache_dir: Path, image_size: int | None, workers: int | None) -> None:
     for line in result["lines"]:
         click.echo(line)
 
+
+# Commands defined in their own modules register themselves on `main` when imported.
+from embedcache import cli_finetune  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     main()

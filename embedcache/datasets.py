@@ -26,6 +26,7 @@ from embedcache.data import (
     TEST,
     TRAIN,
     UNSPLIT,
+    VAL,
     ImageSource,
     Sample,
     _describe,
@@ -91,7 +92,8 @@ class ArraySource(ImageSource):
 
     @classmethod
     def from_npz(cls, path: str | os.PathLike, *, description: str | None = None) -> ArraySource:
-        """Load ``train_images``/``train_labels``/``test_images``/``test_labels``/``class_names``."""
+        """Load ``train_images``/``train_labels``/``class_names``, and optionally
+        ``val_images``/``val_labels`` and ``test_images``/``test_labels``."""
         path = os.fspath(path)
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -103,10 +105,13 @@ class ArraySource(ImageSource):
             raise DataSourceError(f"{path!r} lacks the arrays {sorted(missing)}.")
         images, labels, splits = [parts["train_images"]], [parts["train_labels"]], [
             np.full(len(parts["train_images"]), TRAIN, np.uint8)]
-        if "test_images" in parts:
-            images.append(parts["test_images"])
-            labels.append(parts["test_labels"])
-            splits.append(np.full(len(parts["test_images"]), TEST, np.uint8))
+        for split, code in (("val", VAL), ("test", TEST)):
+            if f"{split}_images" in parts:
+                if f"{split}_labels" not in parts:
+                    raise DataSourceError(f"{path!r} has {split}_images but no {split}_labels.")
+                images.append(parts[f"{split}_images"])
+                labels.append(parts[f"{split}_labels"])
+                splits.append(np.full(len(parts[f"{split}_images"]), code, np.uint8))
         names = [str(c) for c in parts["class_names"].tolist()]
         n = sum(len(i) for i in images)
         return cls(np.concatenate(images), np.concatenate(labels), np.concatenate(splits), names,

@@ -1,0 +1,93 @@
+"""Train-time augmentation on top of a backbone's own preprocessing, for fine-tuning.
+
+A training image gets a random resized crop (area and aspect ratio drawn per image) resampled to
+the backbone's input size with the backbone's interpolation, and a horizontal flip half of the
+time; mean/std normalisation is the backbone's, applied next to the model as during extraction.
+Evaluation images get exactly the extraction preprocessing (:func:`to_uint8_tensor`).
+
+The random draws depend only on ``(seed, epoch, row)``, never on worker processes or on where a
+run was interrupted, so a resumed epoch sees the same crops as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from embedcache.data import ImageSource
+from embedcache.errors import DecodeError
+from embedcache.preprocess import _PIL_INTERPOLATION, PreprocessSpec, to_uint8_tensor
+
+#: Fraction of the image area a random crop keeps (milder than ImageNet training's 0.08: the
+#: network is already trained and the head starts from a probe).
+CROP_SCALE = (0.35, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def random_crop_box(width: int, height: int, rng: np.random.Generator, *,
+                    scale: tuple[float, float] = CROP_SCALE,
+                    ratio: tuple[float, float] = CROP_RATIO) -> tuple[int, int, int, int]:
+    """A ``(left, top, right, bottom)`` box with a random area fraction and aspect ratio."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    side = min(width, height)  # fall back to the centred square
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def augment_image(image: Image.Image, spec: PreprocessSpec, rng: np.random.Generator) -> torch.Tensor:
+    """Random resized crop + horizontal flip → ``(3, crop, crop)`` uint8 (channels-last view)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    box = random_crop_box(image.width, image.height, rng)
+    size = spec.crop_size
+    image = image.resize((size, size), _PIL_INTERPOLATION[spec.interpolation], box=box)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.array(image, dtype=np.uint8)
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """Rows of a source for training: ``position -> (position, uint8 tensor | None, error)``.
+
+    Set :attr:`epoch` before each epoch's DataLoader is created (workers get a fresh copy).
+    A bad image returns its error instead of raising, as in extraction.
+    """
+
+    def __init__(self, source: ImageSource, spec: PreprocessSpec, rows: np.ndarray, *,
+                 augment: bool, seed: int) -> None:
+        self.source = source
+        self.spec = spec
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
+        row = int(self.rows[position])
+        try:
+            image = self.source.load_image(row)
+            if self.augment:
+                rng = np.random.default_rng([self.seed, self.epoch, row])
+                return position, augment_image(image, self.spec, rng), None
+            return position, to_uint8_tensor(image, self.spec), None
+        except DecodeError as exc:
+            return position, None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad image must never stop training
+            return position, None, f"{type(exc).__name__}: {exc}"
