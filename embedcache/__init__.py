@@ -8,6 +8,7 @@ Public API::
     store.features, store.labels, store.splits      # numpy arrays
     result = embedcache.probe(store, out="probes/flowers")   # penalty sweep, refit, test
     embedcache.predict("probes/flowers", ["new_photo.jpg"])
+    embedcache.finetune("probes/flowers", "data/flowers")   # LP->FT, checkpointed, resumable
 """
 
 from embedcache.backbones import (
@@ -39,6 +40,7 @@ from embedcache.artifacts import LoadedProbe, load_probe, predict  # noqa: E402
 from embedcache.bench import bench, fewshot  # noqa: E402
 from embedcache.data import open_source  # noqa: E402
 from embedcache.extract import extract  # noqa: E402
+from embedcache.finetune import FinetuneResult, finetune  # noqa: E402
 from embedcache.probe import ProbeResult, SklearnProbe, TorchLinearProbe, probe  # noqa: E402
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "DecodeError",
     "EmbedcacheError",
     "FeatureStore",
+    "FinetuneResult",
     "LoadedProbe",
     "ProbeResult",
     "SklearnProbe",
@@ -63,6 +66,7 @@ __all__ = [
     "bench",
     "extract",
     "fewshot",
+    "finetune",
     "get_backbone",
     "list_backbones",
     "load_probe",

@@ -131,6 +131,35 @@ class LoadedProbe:
         return self.estimator.predict_proba(features)
 
 
+def save_finetuned(out: Path, head: Any, network: Any, loaded: LoadedProbe, report: dict[str, Any], *,
+                   image_size: int, precision: str, weights_file: str = "backbone.safetensors") -> None:
+    """Write a fine-tuned model as a probe directory: the backbone weights (safetensors), the head
+    as a torch probe on raw features, probe.json naming the weights file, and report.json."""
+    from safetensors.torch import save_file
+
+    from embedcache.backbones import get_backbone
+
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in network.state_dict().items()}
+    tmp = out / f".{weights_file}.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, out / weights_file)
+    spec = loaded.metadata["backbone"]
+    exported = get_backbone(spec["name"], weights_path=out / weights_file, layer=spec.get("layer"),
+                            pool=spec.get("pool") or "avg", image_size=image_size)  # also proves it loads
+    meta = {
+        **{k: v for k, v in loaded.metadata.items() if k not in ("cache_key", "cache_path", "metrics", "versions")},
+        "artifact_version": ARTIFACT_VERSION, "head": "torch", "penalty": None, "standardize": False,
+        "backbone": exported.spec(), "preprocess": exported.preprocess.to_dict(), "precision": precision,
+        "weights_file": weights_file, "finetuned_from": str(loaded.path),
+        "metrics": {k: v for k, v in report["test"].items() if k != "confusion_matrix"},
+        "versions": software_versions(),
+    }
+    dim = head.in_features
+    write_probe_dir(out, meta, report, tensors={
+        "coef": head.weight.detach().float().cpu().numpy(), "intercept": head.bias.detach().float().cpu().numpy(),
+        "classes": np.asarray(loaded.estimator.classes_), "mean": np.zeros(dim), "scale": np.ones(dim)})
+
+
 def load_probe(path: str | os.PathLike) -> LoadedProbe:
     """Load a probe directory (or its probe.json). The torch head loads without pickle."""
     path = Path(path)

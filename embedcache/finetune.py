@@ -20,13 +20,12 @@ A run lives in one ``out`` directory:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from embedcache.errors import CacheLockedError, ConfigError, DataSourceError, WeightsError
+from embedcache.errors import CacheLockedError, ConfigError
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step")
@@ -66,6 +65,7 @@ class FinetuneConfig:
     precision: str = "auto"
     patience: int = 3
     head_init: str = "probe"
+    head_penalty: float | None = None
     bn_train: bool = False
     seed: int = 0
 
@@ -88,6 +88,10 @@ class FinetuneConfig:
                 raise ConfigError(f"The '{name}' parameter must be a finite number >= 0. Got {value!r}.")
         if lr == 0:
             raise ConfigError("The 'lr' parameter must be > 0.")
+        penalty = self.head_penalty
+        if penalty is not None and (isinstance(penalty, bool) or not isinstance(penalty, (int, float))
+                                    or not math.isfinite(penalty) or penalty < 0):
+            raise ConfigError(f"The 'head_penalty' parameter must be a finite number >= 0. Got {penalty!r}.")
         return FinetuneConfig(**{**asdict(self), "lr": float(lr), "weight_decay": float(wd),
                                  "backbone_lr_mult": float(self.backbone_lr_mult)})
 
@@ -127,10 +131,17 @@ class FinetuneResult:
 class FinetuneModel(nn.Module):
     """The truncated backbone followed by a linear head on its pooled features."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Linear, feature_scale: torch.Tensor | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        # The probe's per-feature standard deviations: its L2 penalty is on weight * scale.
+        self.register_buffer("feature_scale", torch.ones(head.in_features) if feature_scale is None
+                             else feature_scale.float())
+
+    def head_penalty(self, penalty: float) -> torch.Tensor:
+        """The probe's regulariser, ``penalty / 2 * ||W_standardised||^2``, on the current head."""
+        return 0.5 * penalty * (self.head.weight * self.feature_scale).pow(2).sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -140,7 +151,8 @@ def finetune(probe: str | os.PathLike, data: str | os.PathLike, *, out: str | os
              unfreeze: str = "all", epochs: int = 5, lr: float | None = None, backbone_lr_mult: float = 0.1,
              optimizer: str = "adamw", schedule: str = "cosine", weight_decay: float | None = None,
              batch_size: int = 64, augment: bool = True, precision: str = "auto", device: str = "auto",
-             patience: int = 3, head_init: str = "probe", bn_train: bool = False, seed: int = 0,
+             patience: int = 3, head_init: str = "probe", head_penalty: float | None = None,
+             bn_train: bool = False, seed: int = 0,
              workers: int | None = None,
              weights_path: str | os.PathLike | None = None, val_fraction: float = 0.0,
              test_fraction: float = 0.2, split_seed: int = 0, restart: bool = False,
@@ -171,6 +183,9 @@ def finetune(probe: str | os.PathLike, data: str | os.PathLike, *, out: str | os
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         patience: stop after this many epochs without a better val accuracy.
         head_init: ``probe`` (LP→FT) or ``random`` (a fresh head, for comparison).
+        head_penalty: L2 penalty on the head, as the probe defines it (on standardised
+            weights); default: the probe's chosen penalty, so the head keeps the regularisation
+            that was selected on val. The head gets no weight decay when this is > 0.
         bn_train: let BatchNorm layers of trainable blocks use and update batch statistics
             (default: they keep the pretrained running statistics; see
             :func:`embedcache.unfreeze.set_train_mode`).
@@ -183,26 +198,29 @@ def finetune(probe: str | os.PathLike, data: str | os.PathLike, *, out: str | os
     """
     from embedcache.artifacts import load_probe
     from embedcache.extract import default_workers, resolve_device
+    from embedcache.finetune_setup import open_data, rebuild_backbone, run_key
 
     config = FinetuneConfig(unfreeze=unfreeze, epochs=epochs, lr=lr, backbone_lr_mult=backbone_lr_mult,
                             optimizer=optimizer, schedule=schedule, weight_decay=weight_decay,
                             batch_size=batch_size, augment=bool(augment), precision=precision,
-                            patience=patience, head_init=head_init, bn_train=bool(bn_train),
-                            seed=seed).resolved()
+                            patience=patience, head_init=head_init, head_penalty=head_penalty,
+                            bn_train=bool(bn_train), seed=seed).resolved()
     say = log or (lambda _line: None)
     workers = default_workers() if workers is None else workers
     if not isinstance(workers, int) or workers < 0:
         raise ConfigError(f"The 'workers' parameter must be an int >= 0. Got {workers!r}.")
     loaded = load_probe(probe)
+    if config.head_penalty is None:  # keep the probe's own L2 penalty on the head
+        config = replace(config, head_penalty=float(loaded.metadata.get("penalty") or 0.0))
     out = Path(out) if out is not None else loaded.path.with_name(loaded.path.name + "-finetuned")
     if out.resolve() == loaded.path.resolve():
         raise ConfigError("The 'out' directory must differ from the probe's directory.")
     dev = resolve_device(device)
     prec = _training_precision(config.precision, dev)
-    bb = _rebuild_backbone(loaded, weights_path)
-    source, parts = _open_data(data, loaded, val_fraction=val_fraction, test_fraction=test_fraction,
-                               split_seed=split_seed)
-    run_key = _run_key(config, loaded, source)
+    bb = rebuild_backbone(loaded, weights_path)
+    source, parts = open_data(data, loaded, val_fraction=val_fraction, test_fraction=test_fraction,
+                              split_seed=split_seed)
+    key = run_key(config, loaded, source, fmt=FORMAT, version=FORMAT_VERSION)
 
     from embedcache.store_writer import _Lock
 
@@ -214,7 +232,7 @@ def finetune(probe: str | os.PathLike, data: str | os.PathLike, *, out: str | os
         raise ConfigError(f"Another process is fine-tuning into {str(out)!r}; wait for it, or use "
                           f"another --out.") from None
     try:
-        return _run(config, loaded, bb, source, parts, out=out, run_key=run_key, device=dev,
+        return _run(config, loaded, bb, source, parts, out=out, run_key=key, device=dev,
                     precision=prec, workers=workers, restart=restart, say=say, progress=progress)
     finally:
         lock.release(unlink=True)
@@ -235,105 +253,6 @@ def _training_precision(precision: str, device: torch.device) -> str:
     return "fp32"  # CPU: bf16 autocast trains ~2x slower than fp32 channels_last here (docs/benchmarks.md)
 
 
-def _rebuild_backbone(loaded: Any, weights_path: str | os.PathLike | None) -> Any:
-    from embedcache.backbones import get_backbone
-    from embedcache.preprocess import PreprocessSpec
-
-    meta = loaded.metadata
-    spec = meta["backbone"]
-    if weights_path is None and meta.get("weights_file"):
-        weights_path = loaded.path / meta["weights_file"]
-    tag = spec.get("weights")
-    if str(tag).startswith("file:") and weights_path is None:
-        raise WeightsError(f"This probe's backbone used a local weights file ({tag[5:]}); pass it with "
-                           f"--weights FILE (its sha256 is checked).")
-    if not hasattr(loaded.estimator, "coef_"):
-        raise ConfigError(f"The probe at {loaded.path} has no linear coefficients to start a head from.")
-    preprocess = PreprocessSpec.from_dict(meta["preprocess"])
-    bb = get_backbone(spec["name"], weights=None if weights_path else tag, weights_path=weights_path,
-                      layer=spec.get("layer"), pool=spec.get("pool") or "avg", image_size=preprocess.crop_size)
-    loaded.check_compatible({**bb.spec(), "weights": tag if weights_path else bb.weights_tag},
-                            bb.preprocess.to_dict(), bb.dim)
-    if not any(True for _ in bb.module.parameters()):
-        raise ConfigError(f"Backbone {spec['name']!r} has no parameters to fine-tune (it is a fixed "
-                          f"feature map); the probe is already the whole model.")
-    return bb
-
-
-def _open_data(data: Any, loaded: Any, *, val_fraction: float, test_fraction: float,
-               split_seed: int) -> tuple[Any, dict[str, Any]]:
-    """The source, its rows mapped to the probe's head columns, and disjoint train/val/test."""
-    from embedcache.artifacts import _normalise
-    from embedcache.data import open_source
-    from embedcache.probe import DEFAULT_VAL_FRACTION, split_for_probe
-
-    source = open_source(data, unlabelled=False, val_fraction=val_fraction, test_fraction=test_fraction,
-                         split_seed=split_seed)
-    probe_names = loaded.class_names
-    classes = [int(c) for c in loaded.estimator.classes_]
-    column_of = {_normalise(probe_names[c]) if c < len(probe_names) else str(c): j for j, c in enumerate(classes)}
-    unknown = sorted({n for n in source.class_names if _normalise(n) not in column_of})
-    if unknown:
-        raise DataSourceError(
-            f"DATA has classes the probe does not predict: {unknown[:8]}. The probe knows "
-            f"{[probe_names[c] for c in classes if c < len(probe_names)][:12]}. Fine-tune on data "
-            f"labelled with the probe's classes."
-        )
-    source_column = [column_of[_normalise(n)] for n in source.class_names]
-    labels = np.array([source_column[s.label] if s.label >= 0 else -1 for s in source.samples], np.int64)
-    splits = np.array([s.split for s in source.samples], np.uint8)
-    keys = np.array([s.path for s in source.samples])
-    seed = 0
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        seed = int(json.loads((loaded.path / "report.json").read_text()).get("seed", 0))
-    parts = split_for_probe(labels, splits, keys, val_fraction=DEFAULT_VAL_FRACTION, seed=seed)
-    parts["labels"] = labels
-    parts["split_check"] = _check_against_probe_cache(loaded, keys, parts)
-    return source, parts
-
-
-def _check_against_probe_cache(loaded: Any, keys: np.ndarray, parts: dict[str, Any]) -> str:
-    """Refuse test images the probe trained on; note when the test split differs from the probe's."""
-    from embedcache.store import FeatureStore
-
-    path = loaded.metadata.get("cache_path")
-    if not path or not Path(path).is_file():
-        return "probe's cache not found: could not compare splits"
-    try:
-        store = FeatureStore.open(path)
-        cache_keys, cache_splits = np.asarray(store.paths).astype(str), np.asarray(store.splits)
-    except Exception as exc:  # noqa: BLE001 - the check is a safeguard, not a requirement
-        return f"probe's cache unreadable ({exc.__class__.__name__}): could not compare splits"
-    test = set(keys[parts["test"]].astype(str).tolist())
-    fitted = set(cache_keys[cache_splits <= 1].tolist())
-    leaked = test & fitted
-    if leaked:
-        raise DataSourceError(
-            f"{len(leaked)} test images of DATA were train/val images of the probe (e.g. "
-            f"{sorted(leaked)[:3]}): its accuracy on them would be inflated. Open DATA with the same "
-            f"--val-fraction/--test-fraction/--split-seed as at extraction, or use its train/val/test folders."
-        )
-    same = test == set(cache_keys[cache_splits == 2].tolist())
-    return "test split identical to the probe's" if same else "test split differs from the probe's (no overlap with its training rows)"
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _run_key(config: FinetuneConfig, loaded: Any, source: Any) -> str:
-    probe_files = sorted(p for p in loaded.path.iterdir()
-                         if p.name in ("probe.json", "probe.safetensors", "probe.joblib", WEIGHTS_FILE))
-    payload = {"format": FORMAT, "version": FORMAT_VERSION, "config": asdict(config),
-               "probe": {p.name: _file_sha256(p) for p in probe_files},
-               "data": source.manifest_sha256()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
 def _build_model(loaded: Any, bb: Any, config: FinetuneConfig) -> FinetuneModel:
     est = loaded.estimator
     n_classes, dim = len(est.classes_), bb.dim
@@ -344,16 +263,18 @@ def _build_model(loaded: Any, bb: Any, config: FinetuneConfig) -> FinetuneModel:
         with torch.no_grad():
             head.weight.copy_(torch.as_tensor(np.asarray(est.coef_), dtype=torch.float32))
             head.bias.copy_(torch.as_tensor(np.asarray(est.intercept_), dtype=torch.float32))
-    return FinetuneModel(bb.module, head)
+    scale = getattr(est, "scale_", None)
+    return FinetuneModel(bb.module, head, None if scale is None else torch.as_tensor(np.asarray(scale)))
 
 
 def _optimiser(model: FinetuneModel, trainable: list[nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
     groups = []
-    for params, lr in ((list(model.head.parameters()), config.lr),
-                       (trainable, config.lr * config.backbone_lr_mult)):
+    head_decay = 0.0 if config.head_penalty else config.weight_decay  # the probe's penalty instead
+    for params, lr, wd in ((list(model.head.parameters()), config.lr, head_decay),
+                           (trainable, config.lr * config.backbone_lr_mult, config.weight_decay)):
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
-        groups += [{"params": decay, "lr": lr, "weight_decay": config.weight_decay},
+        groups += [{"params": decay, "lr": lr, "weight_decay": wd},
                    {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if config.optimizer == "sgd":
@@ -537,7 +458,8 @@ def _run(config: FinetuneConfig, loaded: Any, bb: Any, source: Any, parts: dict[
             y = torch.as_tensor(train_labels[positions.numpy()], device=device)
             with _autocast(device, precision):
                 logits = model(x)
-                loss = nn.functional.cross_entropy(logits.float(), y)
+                cross_entropy = nn.functional.cross_entropy(logits.float(), y)
+            loss = (cross_entropy + model.head_penalty(config.head_penalty)) if config.head_penalty else cross_entropy
             if not torch.isfinite(loss):
                 raise ConfigError(
                     f"The training loss became {loss.item()} in epoch {epoch}; lower --lr (now "
@@ -549,7 +471,7 @@ def _run(config: FinetuneConfig, loaded: Any, bb: Any, source: Any, parts: dict[
             scaler.update()
             scheduler.step()
             seen += len(y)
-            loss_sum += float(loss.detach()) * len(y)
+            loss_sum += float(cross_entropy.detach()) * len(y)
             correct += int((logits.argmax(dim=1) == y).sum())
             if progress is not None:
                 elapsed = time.perf_counter() - started
@@ -600,68 +522,14 @@ def _run(config: FinetuneConfig, loaded: Any, bb: Any, source: Any, parts: dict[
         "seconds_per_epoch": float(np.median([r["seconds"] for r in state["history"]])) if state["history"] else 0.0,
         "test": {k: v for k, v in metrics.items()},
     }
-    _export(model, bb, loaded, out, report, precision=precision)
-    return FinetuneResult(out, report, resumed_from_epoch=resumed_from, summary=summary, model=model)
-
-
-def _export(model: FinetuneModel, bb: Any, loaded: Any, out: Path, report: dict[str, Any], *,
-            precision: str) -> None:
-    """backbone.safetensors + the head as a probe artifact + finetune.json (+ curve.png)."""
-    from safetensors.torch import save_file
-
-    from embedcache.artifacts import ARTIFACT_VERSION, write_probe_dir
-    from embedcache.backbones import get_backbone
-    from embedcache.fingerprint import software_versions
+    from embedcache.artifacts import save_finetuned
+    from embedcache.metrics import save_curve_png
 
     network = bb.network if bb.network is not None else bb.module
-    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in network.state_dict().items()}
-    tmp = out / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, out / WEIGHTS_FILE)
-    spec = loaded.metadata["backbone"]
-    exported = get_backbone(spec["name"], weights_path=out / WEIGHTS_FILE, layer=spec.get("layer"),
-                            pool=spec.get("pool") or "avg", image_size=bb.preprocess.crop_size)
-    head = model.head
-    meta = {
-        **{k: v for k, v in loaded.metadata.items() if k not in ("cache_key", "cache_path", "metrics", "versions")},
-        "artifact_version": ARTIFACT_VERSION, "head": "torch", "penalty": None, "standardize": False,
-        "backbone": exported.spec(), "preprocess": exported.preprocess.to_dict(),
-        "precision": "fp32" if precision == "fp32" else loaded.metadata.get("precision"),
-        "weights_file": WEIGHTS_FILE, "finetuned_from": str(loaded.path),
-        "metrics": {k: v for k, v in report["test"].items() if k != "confusion_matrix"},
-        "versions": software_versions(),
-    }
-    dim = head.in_features
-    write_probe_dir(out, meta, report, tensors={
-        "coef": head.weight.detach().float().cpu().numpy(), "intercept": head.bias.detach().float().cpu().numpy(),
-        "classes": np.asarray(loaded.estimator.classes_), "mean": np.zeros(dim), "scale": np.ones(dim)})
-    tmp_report = out / f".{REPORT}.tmp"
+    save_finetuned(out, model.head, network, loaded, report, image_size=bb.preprocess.crop_size,
+                   precision=precision, weights_file=WEIGHTS_FILE)
+    tmp_report = out / f".{REPORT}.tmp"  # written last: its presence marks the run complete
     tmp_report.write_text(json.dumps(report, indent=2))
     os.replace(tmp_report, out / REPORT)
     save_curve_png(report, str(out / "curve.png"))
-
-
-def save_curve_png(report: dict[str, Any], path: str) -> bool:
-    """Train loss and val accuracy per epoch (epoch 0 = the starting point) when matplotlib is installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    epochs = report["epochs"]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot([r["epoch"] for r in epochs], [r["train_loss"] for r in epochs], marker="o")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("train loss")
-    ax_acc.plot([0] + [r["epoch"] for r in epochs], [report["start"]["val_top1"]] + [r["val_top1"] for r in epochs],
-                marker="o", label="val top-1")
-    ax_acc.axhline(report["test"]["top1"], color="grey", linestyle="--", label="test top-1 (best epoch)")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.legend()
-    fig.suptitle(f"fine-tune from {report['config']['head_init']} head, unfreeze {report['config']['unfreeze']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return FinetuneResult(out, report, resumed_from_epoch=resumed_from, summary=summary, model=model)

@@ -85,3 +85,29 @@ def save_confusion_png(report: dict[str, Any], path: str, *, title: str = "") ->
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def save_curve_png(report: dict[str, Any], path: str) -> bool:
+    """Train loss and val accuracy per epoch (epoch 0 = the starting point) when matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    epochs = report["epochs"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot([r["epoch"] for r in epochs], [r["train_loss"] for r in epochs], marker="o")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("train loss")
+    ax_acc.plot([0] + [r["epoch"] for r in epochs], [report["start"]["val_top1"]] + [r["val_top1"] for r in epochs],
+                marker="o", label="val top-1")
+    ax_acc.axhline(report["test"]["top1"], color="grey", linestyle="--", label="test top-1 (best epoch)")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.legend()
+    fig.suptitle(f"fine-tune from {report['config']['head_init']} head, unfreeze {report['config']['unfreeze']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

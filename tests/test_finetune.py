@@ -259,6 +259,9 @@ def test_finetune_model_head_is_the_probe_folded(probed):
     expected = result.estimator.decision_function(features.numpy())
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
     assert isinstance(model.head, nn.Linear)
+    # the probe's own regulariser, penalty/2 * ||W_standardised||^2, evaluated on the folded head
+    expected_penalty = 0.5 * 1e-3 * float((result.estimator._weights ** 2).sum())
+    assert float(model.head_penalty(1e-3).detach()) == pytest.approx(expected_penalty, rel=1e-4)
 
 
 def test_end_to_end_with_the_real_pretrained_backbone(tmp_path):

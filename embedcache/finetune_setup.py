@@ -1,0 +1,118 @@
+"""Fine-tuning setup: the probe's backbone rebuilt, the data opened and split like the probe's,
+and the run key that decides whether an output directory holds the same run."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedcache.errors import ConfigError, DataSourceError, WeightsError
+
+#: Files of a probe directory that identify it (their contents go into the run key).
+PROBE_FILES = ("probe.json", "probe.safetensors", "probe.joblib", "backbone.safetensors")
+
+
+def rebuild_backbone(loaded: Any, weights_path: str | os.PathLike | None) -> Any:
+    from embedcache.backbones import get_backbone
+    from embedcache.preprocess import PreprocessSpec
+
+    meta = loaded.metadata
+    spec = meta["backbone"]
+    if weights_path is None and meta.get("weights_file"):
+        weights_path = loaded.path / meta["weights_file"]
+    tag = spec.get("weights")
+    if str(tag).startswith("file:") and weights_path is None:
+        raise WeightsError(f"This probe's backbone used a local weights file ({tag[5:]}); pass it with "
+                           f"--weights FILE (its sha256 is checked).")
+    if not hasattr(loaded.estimator, "coef_"):
+        raise ConfigError(f"The probe at {loaded.path} has no linear coefficients to start a head from.")
+    preprocess = PreprocessSpec.from_dict(meta["preprocess"])
+    bb = get_backbone(spec["name"], weights=None if weights_path else tag, weights_path=weights_path,
+                      layer=spec.get("layer"), pool=spec.get("pool") or "avg", image_size=preprocess.crop_size)
+    loaded.check_compatible({**bb.spec(), "weights": tag if weights_path else bb.weights_tag},
+                            bb.preprocess.to_dict(), bb.dim)
+    if not any(True for _ in bb.module.parameters()):
+        raise ConfigError(f"Backbone {spec['name']!r} has no parameters to fine-tune (it is a fixed "
+                          f"feature map); the probe is already the whole model.")
+    return bb
+
+
+def open_data(data: Any, loaded: Any, *, val_fraction: float, test_fraction: float,
+               split_seed: int) -> tuple[Any, dict[str, Any]]:
+    """The source, its rows mapped to the probe's head columns, and disjoint train/val/test."""
+    from embedcache.artifacts import _normalise
+    from embedcache.data import open_source
+    from embedcache.probe import DEFAULT_VAL_FRACTION, split_for_probe
+
+    source = open_source(data, unlabelled=False, val_fraction=val_fraction, test_fraction=test_fraction,
+                         split_seed=split_seed)
+    probe_names = loaded.class_names
+    classes = [int(c) for c in loaded.estimator.classes_]
+    column_of = {_normalise(probe_names[c]) if c < len(probe_names) else str(c): j for j, c in enumerate(classes)}
+    unknown = sorted({n for n in source.class_names if _normalise(n) not in column_of})
+    if unknown:
+        raise DataSourceError(
+            f"DATA has classes the probe does not predict: {unknown[:8]}. The probe knows "
+            f"{[probe_names[c] for c in classes if c < len(probe_names)][:12]}. Fine-tune on data "
+            f"labelled with the probe's classes."
+        )
+    source_column = [column_of[_normalise(n)] for n in source.class_names]
+    labels = np.array([source_column[s.label] if s.label >= 0 else -1 for s in source.samples], np.int64)
+    splits = np.array([s.split for s in source.samples], np.uint8)
+    keys = np.array([s.path for s in source.samples])
+    seed = 0
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        seed = int(json.loads((loaded.path / "report.json").read_text()).get("seed", 0))
+    parts = split_for_probe(labels, splits, keys, val_fraction=DEFAULT_VAL_FRACTION, seed=seed)
+    parts["labels"] = labels
+    parts["split_check"] = _check_against_probe_cache(loaded, keys, parts)
+    return source, parts
+
+
+def _check_against_probe_cache(loaded: Any, keys: np.ndarray, parts: dict[str, Any]) -> str:
+    """Refuse test images the probe trained on; note when the test split differs from the probe's."""
+    from embedcache.store import FeatureStore
+
+    path = loaded.metadata.get("cache_path")
+    if not path or not Path(path).is_file():
+        return "probe's cache not found: could not compare splits"
+    try:
+        store = FeatureStore.open(path)
+        cache_keys, cache_splits = np.asarray(store.paths).astype(str), np.asarray(store.splits)
+    except Exception as exc:  # noqa: BLE001 - the check is a safeguard, not a requirement
+        return f"probe's cache unreadable ({exc.__class__.__name__}): could not compare splits"
+    test = set(keys[parts["test"]].astype(str).tolist())
+    fitted = set(cache_keys[cache_splits <= 1].tolist())
+    leaked = test & fitted
+    if leaked:
+        raise DataSourceError(
+            f"{len(leaked)} test images of DATA were train/val images of the probe (e.g. "
+            f"{sorted(leaked)[:3]}): its accuracy on them would be inflated. Open DATA with the same "
+            f"--val-fraction/--test-fraction/--split-seed as at extraction, or use its train/val/test folders."
+        )
+    same = test == set(cache_keys[cache_splits == 2].tolist())
+    return "test split identical to the probe's" if same else "test split differs from the probe's (no overlap with its training rows)"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_key(config: Any, loaded: Any, source: Any, *, fmt: str, version: int) -> str:
+    probe_files = sorted(p for p in loaded.path.iterdir()
+                         if p.name in PROBE_FILES)
+    payload = {"format": fmt, "version": version, "config": asdict(config),
+               "probe": {p.name: _file_sha256(p) for p in probe_files},
+               "data": source.manifest_sha256()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
