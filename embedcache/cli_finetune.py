@@ -62,6 +62,8 @@ def _epoch_bar():
               help="Stop after this many epochs without a better val accuracy.")
 @click.option("--head-init", type=click.Choice(["probe", "random"]), default="probe", show_default=True,
               help="Start the head from the probe (LP->FT) or from random weights (for comparison).")
+@click.option("--head-penalty", type=float, default=None,
+              help="L2 penalty on the head, as the probe defines it [default: the probe's chosen penalty].")
 @click.option("--bn-train", is_flag=True,
               help="Let BatchNorm of trainable blocks use batch statistics (default: keep the pretrained ones).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of head init, order, augmentation.")

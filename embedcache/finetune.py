@@ -364,6 +364,78 @@ def _save_atomic(obj: Any, path: Path) -> None:
 # --------------------------------------------------------------------------- the run
 
 
+def _train_epochs(model: FinetuneModel, optimiser: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+                  state: dict[str, Any], config: FinetuneConfig, source: Any, parts: dict[str, Any],
+                  dataset: Any, unfreezing: tuple[list[Any], int], *, bb: Any, out: Path,
+                  device: torch.device, precision: str, workers: int, eval_args: dict[str, Any],
+                  say: Callable[[str], None], progress: Callable[[EpochProgress], None] | None) -> None:
+    """Train from the epoch after ``state["epoch"]``; validate, keep the best, checkpoint each epoch."""
+    from embedcache.unfreeze import set_train_mode
+
+    blocks, n_trainable = unfreezing
+    labels = parts["labels"]
+    train_labels = labels[parts["train"]]
+    epoch = int(state["epoch"])
+    while epoch < config.epochs and not state["stopped_early"]:
+        epoch += 1
+        dataset.epoch = epoch
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(
+            config.seed * 1_000_003 + epoch)).tolist()
+        loader = _loader(dataset, batch_size=config.batch_size, workers=workers, device=device, order=order,
+                         drop_last=True)
+        set_train_mode(bb.module, blocks, n_trainable, bn_train=config.bn_train)
+        model.head.train()
+        started, seen, loss_sum, correct, failures = time.perf_counter(), 0, 0.0, 0, 0
+        for positions, images, failed in loader:
+            failures += len(failed)
+            if len(positions) == 0:
+                continue
+            x = _to_model_input(images, device, bb.preprocess)
+            y = torch.as_tensor(train_labels[positions.numpy()], device=device)
+            with _autocast(device, precision):
+                logits = model(x)
+                cross_entropy = nn.functional.cross_entropy(logits.float(), y)
+            loss = (cross_entropy + model.head_penalty(config.head_penalty)) if config.head_penalty else cross_entropy
+            if not torch.isfinite(loss):
+                raise ConfigError(
+                    f"The training loss became {loss.item()} in epoch {epoch}; lower --lr (now "
+                    f"{config.lr:g}) or use --precision fp32. The last good epoch is kept in {out}."
+                )
+            optimiser.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
+            scheduler.step()
+            seen += len(y)
+            loss_sum += float(cross_entropy.detach()) * len(y)
+            correct += int((logits.argmax(dim=1) == y).sum())
+            if progress is not None:
+                elapsed = time.perf_counter() - started
+                progress(EpochProgress(epoch, config.epochs, seen, len(order), loss_sum / seen,
+                                       seen / elapsed if elapsed else 0.0))
+        train_seconds = time.perf_counter() - started
+        val_acc = _accuracy(evaluate(model, source, parts["val"], **eval_args),
+                            labels[parts["val"]])
+        row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
+               "val_top1": val_acc, "lr": optimiser.param_groups[0]["lr"], "train_seconds": train_seconds,
+               "seconds": time.perf_counter() - started, "images": seen, "failures": failures}
+        state["history"] = [*state["history"], row]
+        if val_acc > state["best_val"]:
+            state["best_val"], state["best_epoch"] = val_acc, epoch
+            _save_atomic({"epoch": epoch, "model": model.state_dict()}, out / BEST)
+        if epoch - state["best_epoch"] >= config.patience and epoch < config.epochs:
+            state["stopped_early"] = True
+        state.update(epoch=epoch, model=model.state_dict(), optimizer=optimiser.state_dict(),
+                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), torch_rng=torch.get_rng_state())
+        _save_atomic(state, out / CHECKPOINT)
+        say(f"epoch {epoch}/{config.epochs}: train loss {row['train_loss']:.4f}, train top-1 "
+            f"{row['train_top1']:.4f}, val top-1 {val_acc:.4f}{' (best)' if state['best_epoch'] == epoch else ''}, "
+            f"{row['seconds']:.1f} s ({seen / max(train_seconds, 1e-9):.0f} img/s)")
+        if state["stopped_early"]:
+            say(f"early stop: no better val accuracy for {config.patience} epochs")
+
+
+
 def _run(config: FinetuneConfig, loaded: Any, bb: Any, source: Any, parts: dict[str, Any], *, out: Path,
          run_key: str, device: torch.device, precision: str, workers: int, restart: bool,
          say: Callable[[str], None], progress: Callable[[EpochProgress], None] | None) -> FinetuneResult:
@@ -374,7 +446,6 @@ def _run(config: FinetuneConfig, loaded: Any, bb: Any, source: Any, parts: dict[
         format_summary,
         model_summary,
         parse_unfreeze,
-        set_train_mode,
     )
 
     if restart:
@@ -430,73 +501,19 @@ def _run(config: FinetuneConfig, loaded: Any, bb: Any, source: Any, parts: dict[
         optimiser.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
         resumed_from = int(state["epoch"])
         state["resumes"] = [*state["resumes"], resumed_from]
         say(f"resuming after epoch {resumed_from} (best val top-1 {state['best_val']:.4f} at epoch "
             f"{state['best_epoch']})")
-    if resumed_from is None:
-        torch.manual_seed(config.seed)
     dataset = TrainImages(source, bb.preprocess, train_rows, augment=config.augment, seed=config.seed)
-    train_labels = labels[train_rows]
-    epoch = int(state["epoch"])
-    while epoch < config.epochs and not state["stopped_early"]:
-        epoch += 1
-        dataset.epoch = epoch
-        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(
-            config.seed * 1_000_003 + epoch)).tolist()
-        loader = _loader(dataset, batch_size=config.batch_size, workers=workers, device=device, order=order,
-                         drop_last=True)
-        set_train_mode(bb.module, blocks, n_trainable, bn_train=config.bn_train)
-        model.head.train()
-        started, seen, loss_sum, correct, failures = time.perf_counter(), 0, 0.0, 0, 0
-        for positions, images, failed in loader:
-            failures += len(failed)
-            if len(positions) == 0:
-                continue
-            x = _to_model_input(images, device, bb.preprocess)
-            y = torch.as_tensor(train_labels[positions.numpy()], device=device)
-            with _autocast(device, precision):
-                logits = model(x)
-                cross_entropy = nn.functional.cross_entropy(logits.float(), y)
-            loss = (cross_entropy + model.head_penalty(config.head_penalty)) if config.head_penalty else cross_entropy
-            if not torch.isfinite(loss):
-                raise ConfigError(
-                    f"The training loss became {loss.item()} in epoch {epoch}; lower --lr (now "
-                    f"{config.lr:g}) or use --precision fp32. The last good epoch is kept in {out}."
-                )
-            optimiser.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimiser)
-            scaler.update()
-            scheduler.step()
-            seen += len(y)
-            loss_sum += float(cross_entropy.detach()) * len(y)
-            correct += int((logits.argmax(dim=1) == y).sum())
-            if progress is not None:
-                elapsed = time.perf_counter() - started
-                progress(EpochProgress(epoch, config.epochs, seen, len(order), loss_sum / seen,
-                                       seen / elapsed if elapsed else 0.0))
-        train_seconds = time.perf_counter() - started
-        val_acc = _accuracy(evaluate(model, source, parts["val"], **eval_args),
-                            labels[parts["val"]])
-        row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
-               "val_top1": val_acc, "lr": optimiser.param_groups[0]["lr"], "train_seconds": train_seconds,
-               "seconds": time.perf_counter() - started, "images": seen, "failures": failures}
-        state["history"] = [*state["history"], row]
-        if val_acc > state["best_val"]:
-            state["best_val"], state["best_epoch"] = val_acc, epoch
-            _save_atomic({"epoch": epoch, "model": model.state_dict()}, out / BEST)
-        if epoch - state["best_epoch"] >= config.patience and epoch < config.epochs:
-            state["stopped_early"] = True
-        state.update(epoch=epoch, model=model.state_dict(), optimizer=optimiser.state_dict(),
-                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), torch_rng=torch.get_rng_state())
-        _save_atomic(state, out / CHECKPOINT)
-        say(f"epoch {epoch}/{config.epochs}: train loss {row['train_loss']:.4f}, train top-1 "
-            f"{row['train_top1']:.4f}, val top-1 {val_acc:.4f}{' (best)' if state['best_epoch'] == epoch else ''}, "
-            f"{row['seconds']:.1f} s ({seen / max(train_seconds, 1e-9):.0f} img/s)")
-        if state["stopped_early"]:
-            say(f"early stop: no better val accuracy for {config.patience} epochs")
+    with torch.random.fork_rng(devices=[]):  # dropout's RNG: seeded here, saved in checkpoints
+        if resumed_from is None:
+            torch.manual_seed(config.seed)
+        else:
+            torch.set_rng_state(state["torch_rng"])
+        _train_epochs(model, optimiser, scheduler, scaler, state, config, source, parts, dataset,
+                      (blocks, n_trainable), bb=bb, out=out, device=device, precision=precision,
+                      workers=workers, eval_args=eval_args, say=say, progress=progress)
 
     best = torch.load(out / BEST, map_location="cpu", weights_only=True)
     model.load_state_dict(best["model"])
