@@ -28,7 +28,13 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from embedcache.errors import ConfigError
-from embedcache.solver import DataCovariance, SoftmaxState, fit_softmax, softmax_state, times_data
+from embedcache.solver import (
+    DataCovariance,
+    SoftmaxState,
+    fit_softmax,
+    softmax_state,
+    times_data,
+)
 
 #: Default penalty grid: 11 values, 1e-6 ... 1e-1 (log-spaced), strongest first when sweeping.
 DEFAULT_PENALTIES = tuple(float(p) for p in np.logspace(-6, -1, 11))
@@ -97,12 +103,23 @@ class _LinearMixin:
         return predict_linear(X, self.coef_, self.intercept_, self.classes_)
 
 
-def _standardisation(X: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
+def _standardisation(X: np.ndarray, standardize: bool, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and std (population), in one blocked pass: sums of the values and their squares
+    around the first block's mean (so the squares do not cancel), accumulated in float64."""
     if not standardize:
         return np.zeros(X.shape[1], np.float32), np.ones(X.shape[1], np.float32)
-    std, mean = torch.std_mean(torch.from_numpy(X), dim=0, correction=0)
+    data = torch.from_numpy(X)
+    centre = data[:block].mean(dim=0)
+    total = torch.zeros(X.shape[1], dtype=torch.float64)
+    squares = torch.zeros(X.shape[1], dtype=torch.float64)
+    for begin in range(0, len(X), block):
+        shifted = data[begin:begin + block] - centre
+        total += shifted.sum(dim=0)
+        squares += shifted.mul_(shifted).sum(dim=0)
+    shift = total / len(X)
+    std = (squares / len(X) - shift * shift).clamp_min(0).sqrt()
     std = torch.where(std > 1e-12, std, torch.ones_like(std))
-    return mean.float().numpy(), std.float().numpy()
+    return (centre + shift).float().numpy(), std.float().numpy()
 
 
 class TorchLinearProbe(_LinearMixin, ClassifierMixin, BaseEstimator):
@@ -152,8 +169,9 @@ class TorchLinearProbe(_LinearMixin, ClassifierMixin, BaseEstimator):
                 f"The 'data_dtype' parameter must be 'float32' or 'bfloat16'. Got {self.data_dtype!r}."
             )
         started = time.perf_counter()
-        if X is not getattr(self, "_validated_X", None):  # sweeps refit the same array: check once
-            X = _check_features(X)
+        source = getattr(self, "_row_source", None)
+        if X is not getattr(self, "_validated_X", None) and not (source is not None and _leading_rows_of(X, source)):
+            X = _check_features(X)  # sweeps refit the same array (or rows of a shared one): check once
             self._validated_X = X
         y = _check_labels(y, len(X))
         classes, y_idx = np.unique(y, return_inverse=True)
@@ -182,9 +200,10 @@ class TorchLinearProbe(_LinearMixin, ClassifierMixin, BaseEstimator):
         return self
 
     def _share_rows(self, source: np.ndarray) -> None:
-        """Prepare the data for all rows of ``source`` (validated float32) when a fit gets its
-        leading rows as a view: a later fit on ``source`` itself (say train+val after a sweep on
-        train) then reuses the prepared matrix and extends the warm state by the new rows."""
+        """Prepare the data for all rows of ``source`` (already checked by :func:`_check_features`)
+        when a fit gets its leading rows as a view: a later fit on ``source`` itself (say train+val
+        after a sweep on train) then reuses the prepared matrix and extends the warm state by the
+        new rows. Fits on ``source`` or its leading rows skip the input check."""
         self._row_source = source
 
     def _prepared_data(self, X: np.ndarray) -> torch.Tensor:
@@ -329,7 +348,7 @@ class SweepResult:
 #: L-BFGS iterations per penalty during a torch sweep (warm-started along the path, two passes
 #: over the data each). Enough for the validation accuracy to settle on real features; the chosen
 #: penalty is then refit on train+val, warm-started from its sweep solution.
-SWEEP_MAX_ITER = 6
+SWEEP_MAX_ITER = 5
 #: L-BFGS iterations of the final refit of a torch sweep (unless ``max_iter`` is given).
 REFIT_MAX_ITER = 10
 
@@ -353,10 +372,14 @@ def sweep_penalty(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
         params.setdefault("max_iter", SWEEP_MAX_ITER)
         params.setdefault("data_dtype", _fast_data_dtype(params.get("device", "cpu")))
     estimator = make_head(head, penalty=ordered[0], warm_start=True, **params)
-    X_val, y_val = _check_features(X_val, name="X_val"), np.asarray(y_val)  # checked once, not per fit
     whole = _stacked_base(X_train, X_val)
-    if head == "torch" and whole is not None:
-        estimator._share_rows(whole)  # its rows are validated by the fits that use them
+    if whole is not None:  # check train and val rows at once; the torch fits reuse the prepared rows
+        _check_features(whole, name="X_train/X_val")
+        if head == "torch":
+            estimator._share_rows(whole)
+    else:
+        X_val = _check_features(X_val, name="X_val")  # checked once, not per fit
+    y_val = np.asarray(y_val)
     accuracies, iterations, seconds = [], [], []
     best_fit: dict[str, Any] = {}
     for penalty in ordered:

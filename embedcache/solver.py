@@ -19,9 +19,11 @@ any device the tensors live on.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -123,28 +125,35 @@ class SoftmaxState:
     grad_bias: torch.Tensor
 
 
-def times_data(data: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def times_data(data: torch.Tensor, weights: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """``data @ weights.T`` in float32, the product in the data's dtype (fp32 accumulation)."""
-    return (data @ weights.to(data.dtype).T).float()
+    with torch_threads(threads):
+        return (data @ weights.to(data.dtype).T).float()
 
 
-def _residual(logits: torch.Tensor, target: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """Mean cross-entropy and ``G = (softmax - onehot) / n``."""
+def _residual(logits: torch.Tensor, target: torch.Tensor,
+              log_norm: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+    """Mean cross-entropy and ``G = (softmax - onehot) / n`` (``log_norm``: logsumexp of the rows, if known)."""
     n = logits.shape[0]
-    log_norm = torch.logsumexp(logits, dim=1, keepdim=True)
-    ce = float((log_norm - logits.gather(1, target[:, None])).sum() / n)
+    if log_norm is None:
+        log_norm = torch.logsumexp(logits, dim=1, keepdim=True)
+    ce = float((log_norm - logits.gather(1, target[:, None])).sum(dtype=torch.float64)) / n
     residual = (logits - log_norm).exp_()
-    residual.scatter_add_(1, target[:, None], torch.full_like(residual[:, :1], -1.0))
+    residual.scatter_add_(1, target[:, None], residual.new_full((n, 1), -1.0))
     return ce, residual.div_(n)
 
 
 def softmax_state(data: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor,
-                  logits: torch.Tensor | None = None) -> SoftmaxState:
-    """The state at (weights, bias): logits (one pass over ``data`` unless given) and gradient (one pass)."""
+                  logits: torch.Tensor | None = None, log_norm: torch.Tensor | None = None,
+                  threads: int | None = None) -> SoftmaxState:
+    """The state at (weights, bias): logits (one pass over ``data`` unless given) and gradient (one
+    pass); ``threads``: intra-op threads for those passes (None: as set)."""
     if logits is None:
-        logits = times_data(data, weights) + bias if bool(weights.any()) else bias.expand(len(data), -1).clone()
-    ce, residual = _residual(logits, target)
-    data_grad = (residual.T.to(data.dtype) @ data).float()
+        logits = (times_data(data, weights, threads) + bias if bool(weights.any())
+                  else bias.expand(len(data), -1).clone())
+    ce, residual = _residual(logits, target, log_norm)
+    with torch_threads(threads):
+        data_grad = (residual.T.to(data.dtype) @ data).float()
     return SoftmaxState(weights, bias, logits, ce, data_grad, residual.sum(dim=0))
 
 
@@ -157,7 +166,22 @@ def fit_softmax(data: torch.Tensor, target: torch.Tensor, state: SoftmaxState, *
     longer decrease the loss at float32 resolution. Each iteration makes two passes over ``data``.
     With ``covariance`` (of ``data``'s rows), L-BFGS's initial inverse Hessian is the Kronecker
     preconditioner of :meth:`DataCovariance.preconditioner` at the current point.
+
+    On a CPU only the two passes use the configured intra-op threads; everything else (line
+    search, two-loop recursion, preconditioner) works on arrays of ``n x classes`` or smaller and
+    runs on one thread, where threading costs more than it gains, and a lot more when another
+    process holds a core.
     """
+    if data.device.type != "cpu":
+        return _fit_softmax(data, target, state, penalty, max_iter, tol, history, covariance, None)
+    wide = torch.get_num_threads()
+    with torch_threads(1):
+        return _fit_softmax(data, target, state, penalty, max_iter, tol, history, covariance, wide)
+
+
+def _fit_softmax(data: torch.Tensor, target: torch.Tensor, state: SoftmaxState, penalty: float, max_iter: int,
+                 tol: float, history: int, covariance: DataCovariance | None,
+                 threads: int | None) -> tuple[SoftmaxState, int]:
     n_classes, dim = state.weights.shape
     memory = LBFGSMemory(history)
 
@@ -178,19 +202,33 @@ def fit_softmax(data: torch.Tensor, target: torch.Tensor, state: SoftmaxState, *
             d_weights = d_weights.to(data.dtype).float()
         d_bias = direction[-n_classes:]
         direction = torch.cat([d_weights.reshape(-1), d_bias])
-        along = times_data(data, d_weights) + d_bias  # logits(t) = logits + t * along
+        along = times_data(data, d_weights, threads) + d_bias  # logits(t) = logits + t * along
         iterations += 1
-        step = _line_search(state, along, d_weights, target, penalty,
-                            first=1.0 if memory.pairs or covariance else min(1.0, 1.0 / float(grad.abs().sum())))
-        if step is None:
+        found = _line_search(state, along, d_weights, target, penalty, slope=float(torch.dot(grad, direction)),
+                             first=1.0 if memory.pairs or covariance else min(1.0, 1.0 / float(grad.abs().sum())))
+        if found is None:
             break
-        weights = state.weights + step * d_weights
-        bias = state.bias + step * d_bias
-        new = softmax_state(data, target, weights, bias, logits=state.logits + step * along)
+        step, logits, log_norm = found
+        new = softmax_state(data, target, state.weights + step * d_weights, state.bias + step * d_bias,
+                            logits=logits, log_norm=log_norm, threads=threads)
         new_grad = gradient(new)
         memory.push(step * direction, new_grad - grad)
         state, grad = new, new_grad
     return state, iterations
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` intra-op threads (None: leave the setting alone)."""
+    if count is None or count == torch.get_num_threads():
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class DataCovariance:
@@ -208,12 +246,8 @@ class DataCovariance:
     def __init__(self, data: torch.Tensor, max_rows: int = 4096) -> None:
         sample = data[:: max(1, len(data) // max_rows)].float()
         second_moment = (sample.T @ sample).div_(len(sample))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             values, vectors = torch.linalg.eigh(second_moment)
-        finally:
-            torch.set_num_threads(threads)
         self.values = values.clamp_min(0).float()
         self.vectors = vectors.float()
 
@@ -221,9 +255,10 @@ class DataCovariance:
         """``v -> (A kron C + penalty I)^-1 v`` on flat [weights, bias] vectors; the bias is treated
         as one more feature of second moment 1 (unpenalised)."""
         prob = torch.softmax(logits[:: max(1, len(logits) // 4096)].double(), dim=1)  # a sample is plenty
-        class_curvature = torch.diag(prob.mean(dim=0)) - prob.T @ prob / len(prob)
-        alpha, basis = torch.linalg.eigh(class_curvature)
-        alpha, basis = alpha.clamp_min(0).float(), basis.float()
+        class_curvature = (torch.diag(prob.mean(dim=0)) - prob.T @ prob / len(prob)).cpu().numpy()
+        alpha, basis = np.linalg.eigh(class_curvature)  # classes x classes: numpy has less call overhead
+        alpha = torch.from_numpy(alpha).float().clamp_min(0).to(logits.device)
+        basis = torch.from_numpy(basis).float().to(logits.device)
         n_classes, vectors = len(alpha), self.vectors
         denominator = alpha[:, None] * torch.cat([self.values, self.values.new_ones(1)]) + penalty
         inverse = 1.0 / denominator.clamp_min(1e-6 * float(denominator.max()) + 1e-12)
@@ -239,49 +274,59 @@ class DataCovariance:
 
 
 def _line_search(state: SoftmaxState, along: torch.Tensor, d_weights: torch.Tensor, target: torch.Tensor,
-                 penalty: float, first: float, max_trials: int = 20) -> float | None:
+                 penalty: float, slope: float, first: float,
+                 max_trials: int = 20) -> tuple[float, torch.Tensor, torch.Tensor] | None:
     """A step t with |phi'(t)| <= 0.25 |phi'(0)| and a decrease (strong Wolfe), found by
-    safeguarded Newton (exact phi'') on the convex 1-D function phi(t) = loss(state + t * direction).
+    safeguarded Newton (exact phi'') on the convex 1-D function phi(t) = loss(state + t * direction),
+    whose slope at 0 is ``slope``. Returns (t, logits at t, their row logsumexp).
 
-    Every trial costs O(n * classes) on the stored logits, no pass over the data. Returns None
-    when no step decreases the loss (converged to float32 resolution).
+    Every trial costs a few O(n * classes) operations on the stored logits, no pass over the
+    data. Returns None when no step decreases the loss (converged to float32 resolution).
     """
     n = state.logits.shape[0]
-    # penalty part, exactly quadratic in t: a + b t + c t^2 / 2
+    # penalty part, exactly quadratic in t: b t + c t^2 / 2 (plus a constant)
     pen_b = penalty * float((state.weights * d_weights).sum())
     pen_c = penalty * float((d_weights * d_weights).sum())
-    along_target = along.gather(1, target[:, None])
+    pick = target[:, None]
+    target_logits = float(state.logits.gather(1, pick).sum(dtype=torch.float64))
+    target_along = float(along.gather(1, pick).sum(dtype=torch.float64))
 
-    def phi(t: float) -> tuple[float, float, float]:
-        logits = state.logits + t * along
+    def phi(t: float) -> tuple[float, float, float, torch.Tensor, torch.Tensor]:
+        logits = torch.add(state.logits, along, alpha=t)
         log_norm = torch.logsumexp(logits, dim=1, keepdim=True)
-        prob = (logits - log_norm).exp_()
-        ce = float((log_norm - logits.gather(1, target[:, None])).sum() / n)
-        mean_along = (prob * along).sum(dim=1, keepdim=True)
-        slope = float((mean_along - along_target).sum() / n)
-        curvature = float(((prob * along * along).sum(dim=1, keepdim=True) - mean_along ** 2).sum() / n)
-        return ce + pen_b * t + 0.5 * pen_c * t * t, slope + pen_b + pen_c * t, curvature + pen_c
+        weighted = (logits - log_norm).exp_().mul_(along)  # p * along
+        first_moment = weighted.sum(dim=1)
+        second_moment = weighted.mul_(along).sum(dim=1)
+        sums = torch.stack([log_norm.sum(dtype=torch.float64), first_moment.sum(dtype=torch.float64),
+                            second_moment.sum(dtype=torch.float64),
+                            first_moment.double().dot(first_moment.double())]).tolist()
+        ce = (sums[0] - target_logits - t * target_along) / n
+        return (ce + pen_b * t + 0.5 * pen_c * t * t, (sums[1] - target_along) / n + pen_b + pen_c * t,
+                (sums[2] - sums[3]) / n + pen_c, logits, log_norm)
 
-    f0, slope0, _ = phi(0.0)
-    if slope0 >= 0:
+    if slope >= 0:
         return None
+    f0 = state.ce
     low, high = 0.0, float("inf")
     t = first
     for _ in range(max_trials):
-        f, slope, curvature = phi(t)
+        f, slope_t, curvature, logits, log_norm = phi(t)
         # phi is convex, so a non-positive slope already guarantees a decrease; the loss test
         # (at float32 resolution) only matters past the minimiser.
-        if abs(slope) <= 0.25 * abs(slope0) and (slope <= 0 or f <= f0 + 1e-4 * t * slope0):
-            return t
-        if slope > 0 or not math.isfinite(f):  # past the minimiser (or overflow): shrink
+        if abs(slope_t) <= 0.25 * abs(slope) and (slope_t <= 0 or f <= f0 + 1e-4 * t * slope):
+            return t, logits, log_norm
+        if slope_t > 0 or not math.isfinite(f):  # past the minimiser (or overflow): shrink
             high = t
         else:
             low = t
-        newton = t - slope / curvature if curvature > 0 else float("inf")
+        newton = t - slope_t / curvature if curvature > 0 else float("inf")
         if low < newton < high:
             t = newton
         elif high == float("inf"):
             t = 4.0 * t
         else:
             t = 0.5 * (low + high)
-    return low if low > 0 else None
+    if low == 0:
+        return None
+    _, _, _, logits, log_norm = phi(low)
+    return low, logits, log_norm
