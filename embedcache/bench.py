@@ -190,12 +190,14 @@ def fit_many_torch(features: np.ndarray, labels: np.ndarray, row_sets: list[np.n
     """Fit one :class:`~embedcache.probe.TorchLinearProbe` problem per row set, all at once.
 
     Each set gets exactly the probe's objective (its own standardisation, mean cross-entropy +
-    penalty/2 ||W||^2); the sum of independent problems is minimised jointly by one L-BFGS, so
-    every block reaches its own optimum while Python overhead is paid once, not once per seed.
-    Row sets must have equal sizes and the same classes (k per class). Returns
-    ``[(coef_, intercept_, classes_)]`` on raw features.
+    penalty/2 ||W||^2); the sum of independent problems is minimised jointly by one L-BFGS
+    (:func:`embedcache.solver.minimize`, gradient written by hand), so every block reaches its own
+    optimum while Python overhead is paid once, not once per seed. Row sets must have equal sizes
+    and the same classes (k per class). Returns ``[(coef_, intercept_, classes_)]`` on raw features.
     """
     import torch
+
+    from embedcache.solver import minimize
 
     classes = np.unique(labels[row_sets[0]])
     X = torch.from_numpy(np.stack([features[rows] for rows in row_sets]))  # (S, n, D)
@@ -204,24 +206,24 @@ def fit_many_torch(features: np.ndarray, labels: np.ndarray, row_sets: list[np.n
     std = torch.where(std > 1e-12, std, torch.ones_like(std))
     Xs = (X - mean) / std
     n_sets, n, dim = X.shape
-    weights = torch.zeros(n_sets, len(classes), dim, requires_grad=True)
-    bias = torch.zeros(n_sets, len(classes), requires_grad=True)
-    optimiser = torch.optim.LBFGS([weights, bias], lr=1.0, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=tol, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    n_classes = len(classes)
+    onehot = torch.nn.functional.one_hot(target, n_classes).float()  # (S, n, C)
+    split = n_sets * n_classes * dim
 
-    def closure() -> torch.Tensor:
-        optimiser.zero_grad()
+    def loss_and_grad(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, bias = flat[:split].view(n_sets, n_classes, dim), flat[split:].view(n_sets, n_classes)
         logits = torch.baddbmm(bias[:, None, :], Xs, weights.transpose(1, 2))  # (S, n, C)
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, len(classes)), target.reshape(-1),
-                                               reduction="sum") / n
-        loss = ce + 0.5 * penalty * weights.pow(2).sum()
-        loss.backward()
-        return loss
+        log_norm = torch.logsumexp(logits, dim=2, keepdim=True)
+        loss = ((log_norm - logits) * onehot).sum() / n + 0.5 * penalty * weights.pow(2).sum()
+        residual = ((logits - log_norm).exp() - onehot) / n  # d loss / d logits
+        grad_weights = residual.transpose(1, 2) @ Xs + penalty * weights
+        return loss, torch.cat([grad_weights.reshape(-1), residual.sum(dim=1).reshape(-1)])
 
-    optimiser.step(closure)
-    with torch.no_grad():
-        coef = weights / std
-        intercept = bias - (coef * mean).sum(dim=-1)
+    solution, _ = minimize(loss_and_grad, torch.zeros(split + n_sets * n_classes), max_iter=max_iter, tol=tol)
+    weights = solution[:split].view(n_sets, n_classes, dim)
+    bias = solution[split:].view(n_sets, n_classes)
+    coef = weights / std
+    intercept = bias - (coef * mean).sum(dim=-1)
     return [(coef[i].numpy(), intercept[i].numpy(), classes) for i in range(n_sets)]
 
 

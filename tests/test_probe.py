@@ -196,3 +196,26 @@ def test_broken_probe_directories_get_a_named_error(tmp_path, content, match):
     (tmp_path / "p" / "probe.json").write_text(content or json.dumps({"head": "torch", "penalty": 1.0}))
     with pytest.raises(ConfigError, match=match):
         load_probe(tmp_path / "p")
+
+
+def test_refit_on_a_longer_array_reuses_the_prepared_rows_and_matches_a_fresh_warm_fit():
+    X, labels = blobs(n=500, d=30, k=4, sep=1.0)
+    shared = TorchLinearProbe(penalty=1e-2, warm_start=True, tol=1e-6, max_iter=500)
+    shared._share_rows(X)
+    shared.fit(X[:400], labels[:400])
+    prepared = shared._data
+    shared.fit(X, labels)
+    assert shared._data is prepared  # no second copy of the data
+    fresh = TorchLinearProbe(penalty=1e-2, warm_start=True, tol=1e-6, max_iter=500).fit(X[:400].copy(), labels[:400])
+    fresh.fit(X.copy(), labels)
+    np.testing.assert_allclose(shared.coef_, fresh.coef_, atol=1e-4)
+    np.testing.assert_allclose(shared.mean_, X[:400].mean(0), atol=1e-5)  # warm refits keep the first statistics
+
+
+def test_sweep_estimator_holds_the_chosen_penalty_fit():
+    X, labels = blobs(n=600, d=40, k=4, seed=2, sep=0.7)
+    result = sweep_penalty(X[:450], labels[:450], X[450:], labels[450:], penalties=[1e1, 1e-1, 1e-3, 1e-5])
+    est = result.estimator
+    assert est.penalty == result.best_penalty
+    predicted = est.predict(X[450:])
+    assert np.mean(predicted == labels[450:]) == pytest.approx(result.best_val_accuracy)
