@@ -252,7 +252,14 @@ class DataCovariance:
         sample = data[:: max(1, len(data) // max_rows)].float()
         second_moment = (sample.T @ sample).div_(len(sample))
         with torch_threads(1):
-            values, vectors = torch.linalg.eigh(second_moment)
+            try:
+                values, vectors = torch.linalg.eigh(second_moment)
+            except torch.linalg.LinAlgError:
+                # Fewer rows than features (or duplicated features) can make float32 LAPACK give
+                # up on the many zero eigenvalues; float64 with a tiny ridge always converges.
+                exact = second_moment.double()
+                exact.diagonal().add_(1e-9 * float(exact.diagonal().mean()) + 1e-12)
+                values, vectors = torch.linalg.eigh(exact)
         self.values = values.clamp_min(0).float()
         self.vectors = vectors.float()
 

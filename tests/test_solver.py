@@ -110,3 +110,13 @@ def test_lbfgs_memory_skips_pairs_without_positive_curvature():
         assert memory.push(torch.ones(3) * scale, torch.ones(3))
     assert len(memory.pairs) == 2
     assert float(torch.dot(memory.direction(torch.ones(3)), torch.ones(3))) < 0
+
+
+def test_covariance_of_fewer_rows_than_features_still_decomposes():
+    torch.manual_seed(0)
+    data = torch.relu(torch.randn(200, 1280)).to(torch.bfloat16)  # rank <= 200: many zero eigenvalues
+    cov = DataCovariance(data)
+    assert cov.values.shape == (1280,) and torch.isfinite(cov.values).all() and (cov.values >= 0).all()
+    second = data.float().T @ data.float() / 200
+    rebuilt = cov.vectors @ torch.diag(cov.values) @ cov.vectors.T
+    assert torch.allclose(rebuilt, second, atol=1e-3)
