@@ -211,7 +211,7 @@ def predict(probe_path: str | os.PathLike, inputs: list[str], *, top_k: int = 1,
     ``failures``, and ``accuracy`` when the inputs carry labels matching the probe's classes.
     """
     from embedcache.backbones import get_backbone
-    from embedcache.extract import compute_features, default_workers
+    from embedcache.extract import compute_features, default_workers, resolve_device
     from embedcache.preprocess import PreprocessSpec
 
     loaded = load_probe(probe_path)
@@ -234,9 +234,12 @@ def predict(probe_path: str | os.PathLike, inputs: list[str], *, top_k: int = 1,
     loaded.check_compatible({**bb.spec(), "weights": spec.get("weights") if weights_path else bb.weights_tag},
                             bb.preprocess.to_dict(), bb.dim)
     source = _open_inputs(inputs)
+    precision = meta.get("precision") or "auto"
+    if precision == "fp16" and resolve_device(device).type == "cpu":
+        precision = "auto"  # recorded on a GPU; CPUs have no fp16 autocast: use this machine's best
     rows_idx, features, failures = compute_features(
         bb, source, batch_size=batch_size, workers=default_workers() if workers is None else workers,
-        device=device, precision=meta.get("precision") or "auto", progress=progress)
+        device=device, precision=precision, progress=progress)
     proba = loaded.predict_proba(features) if len(features) else np.zeros((0, len(loaded.class_names)))
     classes = np.asarray(loaded.estimator.classes_)
     names = loaded.class_names

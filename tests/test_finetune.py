@@ -97,6 +97,9 @@ def test_export_works_with_extract_weights_and_predict(probed, tmp_path):
     out = predict(tmp_path / "ft", [str(folder / "test")], workers=0)  # finds backbone.safetensors itself
     assert out["n_scored"] == 30 and out["accuracy"] == pytest.approx(ft.test_top1)
     assert (tmp_path / "ft" / "finetune.json").is_file() and (tmp_path / "ft" / "checkpoint.pt").is_file()
+    meta["precision"] = "fp16"  # as recorded by a run on a GPU: a CPU predicts with its own best
+    (tmp_path / "ft" / "probe.json").write_text(json.dumps(meta))
+    assert predict(tmp_path / "ft", [str(folder / "test")], workers=0, device="cpu")["n_scored"] == 30
 
 
 def test_interrupted_run_resumes_from_the_last_checkpoint(probed, tmp_path, monkeypatch):
