@@ -130,6 +130,29 @@ class LoadedProbe:
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         return self.estimator.predict_proba(features)
 
+    def build_backbone(self, weights_path: str | os.PathLike | None = None) -> Any:
+        """The probe's backbone, rebuilt from the metadata and checked against it (weights hash,
+        layer, pooling, preprocessing, dim). A fine-tuned probe's own weights file is used unless
+        ``weights_path`` is given; a probe built on another local weights file needs it."""
+        from embedcache.backbones import get_backbone
+        from embedcache.preprocess import PreprocessSpec
+
+        meta = self.metadata
+        spec = meta["backbone"]
+        tag = spec.get("weights")
+        if weights_path is None and meta.get("weights_file"):
+            weights_path = self.path / meta["weights_file"]
+        if str(tag).startswith("file:") and weights_path is None:
+            raise WeightsError(f"This probe's backbone used a local weights file ({tag[5:]}); pass it "
+                               f"with --weights FILE (its sha256 is checked).")
+        preprocess = PreprocessSpec.from_dict(meta["preprocess"])
+        bb = get_backbone(spec["name"], weights=None if weights_path else tag, weights_path=weights_path,
+                          layer=spec.get("layer"), pool=spec.get("pool") or "avg",
+                          image_size=preprocess.crop_size)
+        self.check_compatible({**bb.spec(), "weights": tag if weights_path else bb.weights_tag},
+                              bb.preprocess.to_dict(), bb.dim)
+        return bb
+
 
 def save_finetuned(out: Path, head: Any, network: Any, loaded: LoadedProbe, report: dict[str, Any], *,
                    image_size: int, precision: str, weights_file: str = "backbone.safetensors") -> None:
@@ -210,29 +233,13 @@ def predict(probe_path: str | os.PathLike, inputs: list[str], *, top_k: int = 1,
     hash. Returns ``rows`` (path, true label or None, top-k classes and probabilities),
     ``failures``, and ``accuracy`` when the inputs carry labels matching the probe's classes.
     """
-    from embedcache.backbones import get_backbone
     from embedcache.extract import compute_features, default_workers, resolve_device
-    from embedcache.preprocess import PreprocessSpec
 
     loaded = load_probe(probe_path)
     meta = loaded.metadata
-    spec = meta["backbone"]
     if not isinstance(top_k, int) or top_k < 1:
         raise ConfigError(f"The 'top_k' parameter must be a positive int. Got {top_k!r}.")
-    weights_tag = spec.get("weights")
-    if weights_path is None and meta.get("weights_file"):  # a fine-tuned model ships its backbone
-        weights_path = str(loaded.path / meta["weights_file"])
-    if str(weights_tag).startswith("file:") and weights_path is None:
-        raise WeightsError(
-            f"This probe's backbone used a local weights file ({weights_tag[5:]}); pass it with "
-            f"--weights FILE (its sha256 is checked)."
-        )
-    preprocess = PreprocessSpec.from_dict(meta["preprocess"])
-    bb = get_backbone(spec["name"], weights=None if weights_path else weights_tag, weights_path=weights_path,
-                      layer=spec.get("layer"), pool=spec.get("pool") or "avg",
-                      image_size=preprocess.crop_size)
-    loaded.check_compatible({**bb.spec(), "weights": spec.get("weights") if weights_path else bb.weights_tag},
-                            bb.preprocess.to_dict(), bb.dim)
+    bb = loaded.build_backbone(weights_path)
     source = _open_inputs(inputs)
     precision = meta.get("precision") or "auto"
     if precision == "fp16" and resolve_device(device).type == "cpu":

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from embedcache.data import ImageSource
-from embedcache.errors import DecodeError
+from embedcache.data import ImageDataset, ImageSource
 from embedcache.preprocess import _PIL_INTERPOLATION, PreprocessSpec, to_uint8_tensor
 
 #: Fraction of the image area a random crop keeps (milder than ImageNet training's 0.08: the
@@ -60,17 +59,16 @@ def augment_image(image: Image.Image, spec: PreprocessSpec, rng: np.random.Gener
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-class TrainImages(torch.utils.data.Dataset):
-    """Rows of a source for training: ``position -> (position, uint8 tensor | None, error)``.
+class TrainImages(ImageDataset):
+    """Selected rows of a source: item ``position`` is row ``rows[position]``, returned as
+    ``(position, uint8 tensor | None, error)`` with the errors handled as in extraction.
 
     Set :attr:`epoch` before each epoch's DataLoader is created (workers get a fresh copy).
-    A bad image returns its error instead of raising, as in extraction.
     """
 
     def __init__(self, source: ImageSource, spec: PreprocessSpec, rows: np.ndarray, *,
                  augment: bool, seed: int) -> None:
-        self.source = source
-        self.spec = spec
+        super().__init__(source, spec)
         self.rows = np.asarray(rows, dtype=np.int64)
         self.augment = augment
         self.seed = int(seed)
@@ -79,15 +77,9 @@ class TrainImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def tensor(self, position: int) -> torch.Tensor:
         row = int(self.rows[position])
-        try:
-            image = self.source.load_image(row)
-            if self.augment:
-                rng = np.random.default_rng([self.seed, self.epoch, row])
-                return position, augment_image(image, self.spec, rng), None
-            return position, to_uint8_tensor(image, self.spec), None
-        except DecodeError as exc:
-            return position, None, str(exc)
-        except Exception as exc:  # noqa: BLE001 - one bad image must never stop training
-            return position, None, f"{type(exc).__name__}: {exc}"
+        image = self.source.load_image(row)
+        if not self.augment:
+            return to_uint8_tensor(image, self.spec)
+        return augment_image(image, self.spec, np.random.default_rng([self.seed, self.epoch, row]))

@@ -82,26 +82,32 @@ def main() -> None:
 # --------------------------------------------------------------------------- extract
 
 
-def _progress_bar(total_hint: int | None = None):
+def _progress_bar(postfix: Callable[[Any], str] = lambda p: f"{p.images_per_s:.0f} img/s, {p.failed} failed",
+                  phase: Callable[[Any], str | None] = lambda p: None):
+    """``(update, close)`` for a tqdm bar on stderr fed with progress objects (``done``,
+    ``total``, ...). A new ``phase(p)`` (an epoch) starts a new, transient bar labelled with it."""
     from tqdm import tqdm
 
     state: dict[str, Any] = {}
 
     def update(p: Any) -> None:
         bar = state.get("bar")
-        if bar is None:
+        if bar is None or state.get("phase") != phase(p):
+            close()
+            state["phase"] = label = phase(p)
             # Our own images/s (measured from the start of the model loop) instead of tqdm's,
             # which is meaningless on the first tick and counts resumed rows as fresh work.
             bar = state["bar"] = tqdm(
-                total=p.total, unit="img", dynamic_ncols=True, file=sys.stderr,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+                total=p.total, unit="img", dynamic_ncols=True, file=sys.stderr, desc=label,
+                leave=label is None, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
         bar.n = p.done
-        bar.set_postfix_str(f"{p.images_per_s:.0f} img/s, {p.failed} failed", refresh=False)
+        bar.set_postfix_str(postfix(p), refresh=False)
         bar.refresh()
 
     def close() -> None:
         if state.get("bar") is not None:
             state["bar"].close()
+            state["bar"] = None
 
     return update, close
 

@@ -2,39 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from embedcache.cli import _handle_errors, _table, main
-
-
-def _epoch_bar():
-    from tqdm import tqdm
-
-    state: dict[str, Any] = {}
-
-    def update(p: Any) -> None:
-        bar = state.get("bar")
-        if bar is None or state.get("epoch") != p.epoch:
-            if bar is not None:
-                bar.close()
-            state["epoch"] = p.epoch
-            bar = state["bar"] = tqdm(total=p.total, unit="img", dynamic_ncols=True, file=sys.stderr,
-                                      desc=f"epoch {p.epoch}/{p.epochs}", leave=False,
-                                      bar_format="{desc} {bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
-        bar.n = p.done
-        bar.set_postfix_str(f"loss {p.loss:.4f}, {p.images_per_s:.0f} img/s", refresh=False)
-        bar.refresh()
-
-    def close() -> None:
-        if state.get("bar") is not None:
-            state["bar"].close()
-            state["bar"] = None
-
-    return update, close
+from embedcache.cli import _handle_errors, _progress_bar, _table, main
 
 
 @main.command("finetune")
@@ -93,7 +66,8 @@ def finetune_command(probe_dir: Path, data: str, **options: Any) -> None:
     """
     from embedcache.finetune import finetune
 
-    update, close = _epoch_bar()
+    update, close = _progress_bar(postfix=lambda p: f"loss {p.loss:.4f}, {p.images_per_s:.0f} img/s",
+                                  phase=lambda p: f"epoch {p.epoch}/{p.epochs}")
 
     def say(line: str) -> None:
         close()

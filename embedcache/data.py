@@ -428,11 +428,15 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return index, to_uint8_tensor(self.source.load_image(index), self.spec), None
+            return index, self.tensor(index), None
         except DecodeError as exc:
             return index, None, str(exc)
         except Exception as exc:  # noqa: BLE001 - one bad image must never stop the loop
             return index, None, f"{type(exc).__name__}: {exc}"
+
+    def tensor(self, index: int) -> torch.Tensor:
+        """Item ``index`` as a uint8 ``(3, H, W)`` tensor; subclasses change what is loaded and how."""
+        return to_uint8_tensor(self.source.load_image(index), self.spec)
 
 
 def collate_images(items) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:

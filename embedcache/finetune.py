@@ -46,7 +46,6 @@ WARMUP_FRACTION = 0.05
 FORMAT = "embedcache-finetune"
 FORMAT_VERSION = 1
 CHECKPOINT, BEST, REPORT, WEIGHTS_FILE = "checkpoint.pt", "best.pt", "finetune.json", "backbone.safetensors"
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -242,15 +241,16 @@ def finetune(probe: str | os.PathLike, data: str | os.PathLike, *, out: str | os
 
 
 def _training_precision(precision: str, device: torch.device) -> str:
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ConfigError(f"The 'precision' parameter must be auto, fp32, bf16 or fp16. Got {precision!r}.")
-    if precision == "fp16" and device.type == "cpu":
-        raise ConfigError("precision='fp16' is not supported on CPU; use fp32 or bf16.")
+    """Explicit values as for extraction; ``auto`` differs: training on a CPU stays fp32 (bf16
+    autocast trained 2.5x slower than fp32 channels_last here, docs/benchmarks.md), and CUDA
+    prefers bf16, which needs no loss scaling."""
+    from embedcache.extract import resolve_precision
+
     if precision != "auto":
-        return precision
+        return resolve_precision(precision, device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"  # CPU: bf16 autocast trains ~2x slower than fp32 channels_last here (docs/benchmarks.md)
+    return "fp32"
 
 
 def _build_model(loaded: Any, bb: Any, config: FinetuneConfig) -> FinetuneModel:
@@ -323,8 +323,10 @@ def _to_model_input(images: torch.Tensor, device: torch.device, preprocess: Any)
 
 
 def _autocast(device: torch.device, precision: str) -> Any:
-    if precision in _AUTOCAST:
-        return torch.autocast(device_type=device.type, dtype=_AUTOCAST[precision])
+    from embedcache.extract import _AUTOCAST_DTYPES
+
+    if precision in _AUTOCAST_DTYPES:
+        return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
     return contextlib.nullcontext()
 
 
@@ -537,7 +539,7 @@ def _run(config: FinetuneConfig, loaded: Any, bb: Any, source: Any, parts: dict[
         "start": state["start"], "epochs": state["history"], "best_epoch": state["best_epoch"],
         "best_val_top1": state["best_val"], "stopped_early": state["stopped_early"], "resumes": state["resumes"],
         "seconds_per_epoch": float(np.median([r["seconds"] for r in state["history"]])) if state["history"] else 0.0,
-        "test": {k: v for k, v in metrics.items()},
+        "test": metrics,
     }
     from embedcache.artifacts import save_finetuned
     from embedcache.metrics import save_curve_png

@@ -13,39 +13,27 @@ from typing import Any
 
 import numpy as np
 
-from embedcache.errors import ConfigError, DataSourceError, WeightsError
+from embedcache.errors import ConfigError, DataSourceError
+from embedcache.fingerprint import sha256_json
 
 #: Files of a probe directory that identify it (their contents go into the run key).
 PROBE_FILES = ("probe.json", "probe.safetensors", "probe.joblib", "backbone.safetensors")
 
 
 def rebuild_backbone(loaded: Any, weights_path: str | os.PathLike | None) -> Any:
-    from embedcache.backbones import get_backbone
-    from embedcache.preprocess import PreprocessSpec
-
-    meta = loaded.metadata
-    spec = meta["backbone"]
-    if weights_path is None and meta.get("weights_file"):
-        weights_path = loaded.path / meta["weights_file"]
-    tag = spec.get("weights")
-    if str(tag).startswith("file:") and weights_path is None:
-        raise WeightsError(f"This probe's backbone used a local weights file ({tag[5:]}); pass it with "
-                           f"--weights FILE (its sha256 is checked).")
+    """The probe's backbone (see :meth:`LoadedProbe.build_backbone`), refused when it has nothing
+    to train or the probe has no linear head to start from."""
     if not hasattr(loaded.estimator, "coef_"):
         raise ConfigError(f"The probe at {loaded.path} has no linear coefficients to start a head from.")
-    preprocess = PreprocessSpec.from_dict(meta["preprocess"])
-    bb = get_backbone(spec["name"], weights=None if weights_path else tag, weights_path=weights_path,
-                      layer=spec.get("layer"), pool=spec.get("pool") or "avg", image_size=preprocess.crop_size)
-    loaded.check_compatible({**bb.spec(), "weights": tag if weights_path else bb.weights_tag},
-                            bb.preprocess.to_dict(), bb.dim)
+    bb = loaded.build_backbone(weights_path)
     if not any(True for _ in bb.module.parameters()):
-        raise ConfigError(f"Backbone {spec['name']!r} has no parameters to fine-tune (it is a fixed "
+        raise ConfigError(f"Backbone {bb.name!r} has no parameters to fine-tune (it is a fixed "
                           f"feature map); the probe is already the whole model.")
     return bb
 
 
 def open_data(data: Any, loaded: Any, *, val_fraction: float, test_fraction: float,
-               split_seed: int) -> tuple[Any, dict[str, Any]]:
+              split_seed: int) -> tuple[Any, dict[str, Any]]:
     """The source, its rows mapped to the probe's head columns, and disjoint train/val/test."""
     from embedcache.artifacts import _normalise
     from embedcache.data import open_source
@@ -110,9 +98,8 @@ def _file_sha256(path: Path) -> str:
 
 
 def run_key(config: Any, loaded: Any, source: Any, *, fmt: str, version: int) -> str:
-    probe_files = sorted(p for p in loaded.path.iterdir()
-                         if p.name in PROBE_FILES)
+    probe_files = sorted(p for p in loaded.path.iterdir() if p.name in PROBE_FILES)
     payload = {"format": fmt, "version": version, "config": asdict(config),
                "probe": {p.name: _file_sha256(p) for p in probe_files},
                "data": source.manifest_sha256()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return sha256_json(payload)

@@ -302,3 +302,28 @@ def test_end_to_end_with_the_real_pretrained_backbone(tmp_path):
     test_rows = [r for r in out["rows"] if r["path"].startswith("test/")]
     accuracy = np.mean([r["pred"][0] == r["true"] for r in test_rows])
     assert accuracy == pytest.approx(ft.test_top1, abs=0.011)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_schedules_warm_up_then_decay(schedule):
+    param = nn.Parameter(torch.zeros(1))
+    optimiser = torch.optim.SGD([param], lr=1.0)
+    config = finetune_mod.FinetuneConfig(epochs=6, schedule=schedule, optimizer="sgd", lr=1.0).resolved()
+    scheduler = finetune_mod._schedule(optimiser, config, steps_per_epoch=10)
+    lrs = []
+    for _ in range(60):
+        lrs.append(optimiser.param_groups[0]["lr"])
+        optimiser.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1 / 3) and lrs[2] == pytest.approx(1.0)  # 3 warm-up steps (5%)
+    if schedule == "step":  # x0.1 every 2 epochs (a third of 6)
+        assert lrs[19] == pytest.approx(1.0) and lrs[20] == pytest.approx(0.1) and lrs[40] == pytest.approx(0.01)
+    else:
+        assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))
+
+
+def test_curve_png_when_matplotlib_is_installed(probed, tmp_path):
+    pytest.importorskip("matplotlib")
+    folder, probe_dir, _ = probed
+    run(probe_dir, folder, tmp_path / "ft", epochs=1)
+    assert (tmp_path / "ft" / "curve.png").stat().st_size > 1000
