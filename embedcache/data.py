@@ -392,9 +392,12 @@ def holdout_splits(keys: list[str], labels: np.ndarray, *, val_fraction: float,
     """
     labels = np.asarray(labels)
     splits = np.full(len(keys), TRAIN, np.uint8)
+    # fixed-width bytes compare like Python bytes (unsigned, lexicographic): the same order as
+    # sorting the members by their digests, vectorised
+    digests = np.array([hashlib.sha256(f"{seed}:{key}".encode()).digest() for key in keys], dtype="S32")
     for label in np.unique(labels):
-        members = np.flatnonzero(labels == label).tolist()
-        members.sort(key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}".encode()).digest())
+        members = np.flatnonzero(labels == label)
+        members = members[np.argsort(digests[members], kind="stable")].tolist()
         n = len(members)
         n_test, n_val = math.floor(n * test_fraction + 0.5), math.floor(n * val_fraction + 0.5)
         if n >= 2:

@@ -13,7 +13,9 @@ any device the tensors live on.
   search (safeguarded Newton on the step, strong Wolfe), which costs no further pass over ``Z``.
   An iteration reads the data exactly twice (that product, then the gradient ``G^T Z`` at the
   accepted point), and changing the penalty between fits of a path costs no pass at all (the
-  logits and the data part of the gradient do not depend on it).
+  logits and the data part of the gradient do not depend on it). Nor does its curvature memory
+  go stale: the penalty's share of each stored gradient change is known exactly, so a path of
+  fits carries the memory along and each later fit starts with a good Hessian model.
 - :class:`DataCovariance`: a Kronecker preconditioner (class curvature x feature covariance),
   L-BFGS's initial inverse Hessian; it cuts the iterations on correlated features several-fold.
 """
@@ -39,6 +41,26 @@ class LBFGSMemory:
         self.size = size
         self.precondition = precondition
         self.pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        #: the L2 penalty the gradient changes were measured with (set by :func:`fit_softmax`)
+        self.penalty: float | None = None
+
+    def change_penalty(self, penalty: float, n_penalised: int) -> None:
+        """Re-express the stored pairs for a new L2 penalty on the first ``n_penalised`` entries.
+
+        The penalty's gradient is linear, so a gradient change measured at penalty ``a`` becomes
+        the one at ``b`` by adding ``(b - a) * step`` on the penalised entries: exact, so a path
+        of penalties keeps its curvature information from one fit to the next.
+        """
+        if self.penalty is not None and penalty != self.penalty and self.pairs:
+            delta, kept = penalty - self.penalty, []
+            for s, y, _ in self.pairs:
+                y = y.clone()
+                y[:n_penalised].add_(s[:n_penalised], alpha=delta)
+                curvature = float(torch.dot(s, y))
+                if curvature > 1e-10 * float(torch.dot(y, y)) and curvature > 0:
+                    kept.append((s, y, 1.0 / curvature))
+            self.pairs = kept
+        self.penalty = penalty
 
     def push(self, step: torch.Tensor, grad_change: torch.Tensor) -> bool:
         """Store a pair when its curvature s.y is positive (always, for a convex objective)."""
@@ -150,21 +172,26 @@ def _residual(logits: torch.Tensor, target: torch.Tensor,
 
 def softmax_state(data: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor,
                   logits: torch.Tensor | None = None, log_norm: torch.Tensor | None = None,
-                  threads: int | None = None) -> SoftmaxState:
+                  threads: int | None = None, columns: torch.Tensor | None = None) -> SoftmaxState:
     """The state at (weights, bias): logits (one pass over ``data`` unless given) and gradient (one
-    pass); ``threads``: intra-op threads for those passes (None: as set)."""
+    pass); ``threads``: intra-op threads for those passes (None: as set); ``columns``: optionally
+    ``data`` transposed (features x rows, same values), which makes the gradient pass faster."""
     if logits is None:
         logits = (times_data(data, weights, threads) + bias if bool(weights.any())
                   else bias.expand(len(data), -1).clone())
     ce, residual = _residual(logits, target, log_norm)
     with torch_threads(threads):
-        data_grad = (residual.T.to(data.dtype) @ data).float()
+        if columns is not None:
+            data_grad = (columns @ residual.to(columns.dtype)).T.float()
+        else:
+            data_grad = (residual.T.to(data.dtype) @ data).float()
     return SoftmaxState(weights, bias, logits, ce, data_grad, residual.sum(dim=0))
 
 
 def fit_softmax(data: torch.Tensor, target: torch.Tensor, state: SoftmaxState, *, penalty: float,
                 max_iter: int, tol: float, history: int = 20,
-                covariance: DataCovariance | None = None) -> tuple[SoftmaxState, int]:
+                covariance: DataCovariance | None = None,
+                memory: LBFGSMemory | None = None, columns: torch.Tensor | None = None) -> tuple[SoftmaxState, int]:
     """L-BFGS on ``mean CE(Z W^T + b, y) + penalty/2 ||W||^2`` from ``state``; returns (state, iterations).
 
     Stops after ``max_iter`` iterations, when ``max|grad| <= tol``, or when a line search can no
@@ -172,23 +199,30 @@ def fit_softmax(data: torch.Tensor, target: torch.Tensor, state: SoftmaxState, *
     With ``covariance`` (of ``data``'s rows), L-BFGS's initial inverse Hessian is the Kronecker
     preconditioner of :meth:`DataCovariance.preconditioner` at the current point.
 
+    ``memory``: an :class:`LBFGSMemory` to continue (a previous fit of a penalty path; its pairs are
+    corrected for the new penalty, and pairs measured on fewer rows of the same data still are
+    valid positive-curvature information), else a fresh one of ``history`` pairs. It is updated
+    in place. ``columns``: ``data`` transposed (features x rows), for a faster gradient pass.
+
     On a CPU only the two passes use the configured intra-op threads; everything else (line
     search, two-loop recursion, preconditioner) works on arrays of ``n x classes`` or smaller and
     runs on one thread, where threading costs more than it gains, and a lot more when another
     process holds a core.
     """
+    if memory is None:
+        memory = LBFGSMemory(history)
+    memory.change_penalty(penalty, state.weights.numel())
     if data.device.type != "cpu":
-        return _fit_softmax(data, target, state, penalty, max_iter, tol, history, covariance, None)
+        return _fit_softmax(data, target, state, penalty, max_iter, tol, covariance, memory, None, columns)
     wide = torch.get_num_threads()
     with torch_threads(1):
-        return _fit_softmax(data, target, state, penalty, max_iter, tol, history, covariance, wide)
+        return _fit_softmax(data, target, state, penalty, max_iter, tol, covariance, memory, wide, columns)
 
 
 def _fit_softmax(data: torch.Tensor, target: torch.Tensor, state: SoftmaxState, penalty: float, max_iter: int,
-                 tol: float, history: int, covariance: DataCovariance | None,
-                 threads: int | None) -> tuple[SoftmaxState, int]:
+                 tol: float, covariance: DataCovariance | None, memory: LBFGSMemory,
+                 threads: int | None, columns: torch.Tensor | None) -> tuple[SoftmaxState, int]:
     n_classes, dim = state.weights.shape
-    memory = LBFGSMemory(history)
 
     def gradient(st: SoftmaxState) -> torch.Tensor:
         return torch.cat([(st.data_grad_weights + penalty * st.weights).reshape(-1), st.grad_bias])
@@ -215,7 +249,7 @@ def _fit_softmax(data: torch.Tensor, target: torch.Tensor, state: SoftmaxState, 
             break
         step, logits, log_norm = found
         new = softmax_state(data, target, state.weights + step * d_weights, state.bias + step * d_bias,
-                            logits=logits, log_norm=log_norm, threads=threads)
+                            logits=logits, log_norm=log_norm, threads=threads, columns=columns)
         new_grad = gradient(new)
         memory.push(step * direction, new_grad - grad)
         state, grad = new, new_grad

@@ -219,3 +219,38 @@ def test_sweep_estimator_holds_the_chosen_penalty_fit():
     assert est.penalty == result.best_penalty
     predicted = est.predict(X[450:])
     assert np.mean(predicted == labels[450:]) == pytest.approx(result.best_val_accuracy)
+
+
+def test_iteration_budget_is_fixed_on_large_data_and_grows_on_small_data():
+    from embedcache.probe import BUDGET_REFERENCE_SIZE, SMALL_DATA_MAX_ITER, iteration_budget
+
+    assert iteration_budget(4, (54_000, 1280)) == 4
+    assert iteration_budget(4, (1_000_000, 1280)) == 4
+    assert iteration_budget(4, (27_000, 1280)) == 8  # half the data: twice the iterations, same work
+    assert iteration_budget(4, (300, 20)) == SMALL_DATA_MAX_ITER
+    assert iteration_budget(4, (BUDGET_REFERENCE_SIZE // 1000, 1000)) == 4
+
+
+def test_small_sweeps_solve_each_penalty_to_tolerance():
+    from embedcache.probe import SMALL_DATA_MAX_ITER, SWEEP_FIRST_MAX_ITER
+
+    X, y = blobs(n=600, d=40, k=4, seed=2, sep=0.7)
+    result = sweep_penalty(X[:450], y[:450], X[450:], y[450:], penalties=[1e-1, 1e-2, 1e-3])
+    # more iterations than the large-data budgets allow (10, 17, 7 when written), each fit
+    # stopping at the tolerance, not at a budget
+    assert max(result.iterations) > SWEEP_FIRST_MAX_ITER and max(result.iterations) < SMALL_DATA_MAX_ITER
+    for penalty, accuracy in zip(result.penalties, result.val_accuracy, strict=True):
+        converged = TorchLinearProbe(penalty=penalty, tol=1e-6, max_iter=1000, data_dtype="bfloat16").fit(X[:450], y[:450])
+        assert accuracy == pytest.approx(converged.score(X[450:], y[450:]), abs=1 / 150)
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 30])
+def test_transposed_copy_is_kept_within_its_memory_limit_and_changes_nothing(monkeypatch, limit):
+    probe_module = __import__("sys").modules["embedcache.probe"]
+    X, y = blobs(n=500, d=30, k=4, sep=1.0)
+    monkeypatch.setattr(probe_module, "COLUMNS_MAX_BYTES", limit)
+    est = TorchLinearProbe(penalty=1e-2, tol=1e-6, max_iter=500, data_dtype="bfloat16").fit(X, y)
+    assert (est._columns is not None) == (limit > 0)
+    monkeypatch.setattr(probe_module, "COLUMNS_MAX_BYTES", 1 << 30 if limit == 0 else 0)
+    other = TorchLinearProbe(penalty=1e-2, tol=1e-6, max_iter=500, data_dtype="bfloat16").fit(X, y)
+    np.testing.assert_allclose(est.coef_, other.coef_, atol=2e-3)

@@ -120,3 +120,46 @@ def test_covariance_of_fewer_rows_than_features_still_decomposes():
     second = data.float().T @ data.float() / 200
     rebuilt = cov.vectors @ torch.diag(cov.values) @ cov.vectors.T
     assert torch.allclose(rebuilt, second, atol=1e-3)
+
+
+def test_memory_corrected_for_a_new_penalty_equals_one_measured_there():
+    Z, y = problem()
+    start = softmax_state(Z, y, torch.zeros(4, 30), torch.zeros(4))
+    memory = LBFGSMemory()
+    fit_softmax(Z, y, start, penalty=1e-1, max_iter=6, tol=0.0, memory=memory)
+    assert memory.penalty == 1e-1 and len(memory.pairs) == 6
+    measured = [(s.clone(), y_.clone()) for s, y_, _ in memory.pairs]
+    memory.change_penalty(1e-3, n_penalised=120)
+    for (s, corrected, rho), (_, at_old) in zip(memory.pairs, measured, strict=True):
+        # the gradient change at penalty 1e-3 is the data part plus 1e-3 x the weights' step
+        expected = at_old.clone()
+        expected[:120] += (1e-3 - 1e-1) * s[:120]
+        torch.testing.assert_close(corrected, expected)
+        assert rho == pytest.approx(1 / float(torch.dot(s, expected)))
+    assert memory.penalty == 1e-3
+
+
+def test_carried_memory_reaches_the_next_penalty_in_fewer_iterations():
+    Z, y = problem(n=1000, d=40)
+    start = softmax_state(Z, y, torch.zeros(4, 40), torch.zeros(4))
+    covariance = DataCovariance(Z)
+    memory = LBFGSMemory()
+    first, _ = fit_softmax(Z, y, start, penalty=1e-3, max_iter=500, tol=1e-6, covariance=covariance, memory=memory)
+    carried, carried_iterations = fit_softmax(Z, y, first, penalty=1e-4, max_iter=500, tol=1e-6,
+                                              covariance=covariance, memory=memory)
+    fresh, fresh_iterations = fit_softmax(Z, y, first, penalty=1e-4, max_iter=500, tol=1e-6, covariance=covariance)
+    assert carried_iterations * 1.3 < fresh_iterations  # 11 against 17 when written
+    np.testing.assert_allclose(carried.weights.numpy(), reference(Z, y, 1e-4)[0], atol=5e-3)  # weights ~1 here
+    np.testing.assert_allclose(fresh.weights.numpy(), carried.weights.numpy(), atol=5e-3)
+
+
+def test_transposed_copy_gives_the_same_state():
+    Z, y = problem()
+    low = Z.to(torch.bfloat16)
+    weights, bias = torch.randn(4, 30) * 0.3, torch.randn(4) * 0.1
+    rows = softmax_state(low, y, weights, bias)
+    columns = softmax_state(low, y, weights, bias, columns=low.T.contiguous())
+    torch.testing.assert_close(columns.data_grad_weights, rows.data_grad_weights, atol=1e-4, rtol=1e-2)
+    assert columns.ce == rows.ce
+    state, _ = fit_softmax(low, y, rows, penalty=1e-2, max_iter=500, tol=1e-5, columns=low.T.contiguous())
+    np.testing.assert_allclose(state.weights.numpy(), reference(low.float(), y, 1e-2)[0], atol=5e-3)
