@@ -254,3 +254,13 @@ def test_transposed_copy_is_kept_within_its_memory_limit_and_changes_nothing(mon
     monkeypatch.setattr(probe_module, "COLUMNS_MAX_BYTES", 1 << 30 if limit == 0 else 0)
     other = TorchLinearProbe(penalty=1e-2, tol=1e-6, max_iter=500, data_dtype="bfloat16").fit(X, y)
     np.testing.assert_allclose(est.coef_, other.coef_, atol=2e-3)
+
+
+def test_probe_result_does_not_keep_the_training_matrices():
+    X, y = blobs(n=200)
+    result = probe_arrays(X, y, np.array([0] * 150 + [2] * 50), np.arange(200).astype(str))
+    kept = set(vars(result.estimator)) & set(TorchLinearProbe._TRAINING_CACHES)
+    assert not kept
+    np.testing.assert_array_equal(result.estimator.predict(X[150:]), result.estimator.predict(X[150:].copy()))
+    result.estimator.fit(X[:150], y[:150])  # a later warm fit prepares the data again
+    assert result.estimator._data is not None
