@@ -64,7 +64,10 @@ def _check_features(X: Any, *, name: str = "X", n_features: int | None = None) -
         )
     if not np.issubdtype(X.dtype, np.number):
         raise ConfigError(f"{name} must be numeric. Got dtype {X.dtype}.")
-    X = X.astype(np.float32, copy=False)
+    if X.dtype == np.float16:  # caches store fp16; numpy's half conversion is ~8x slower than torch's
+        X = torch.from_numpy(np.ascontiguousarray(X)).float().numpy()
+    else:
+        X = X.astype(np.float32, copy=False)
     if not all(np.isfinite(X[i:i + 4096]).all() for i in range(0, len(X), 4096)):  # blocks: no big temporary
         bad = int((~np.isfinite(X)).any(axis=1).sum())
         raise ConfigError(f"{name} contains NaN or infinite values in {bad} rows; clean or drop them.")

@@ -134,10 +134,12 @@ class FeatureStore:
                 )
             done = handle["done"][...]
             rows = np.flatnonzero(done)
-            features = handle["features"][...][rows] if len(rows) else np.zeros((0, attrs["dim"]), np.float16)
-            labels = handle["labels"][...][rows]
-            paths = handle["paths"].asstr()[...][rows]
-            splits = handle["split"][...][rows]
+            # a complete entry is read as is (no gathering copy of the feature matrix)
+            pick = slice(None) if len(rows) == len(done) else rows
+            features = handle["features"][...][pick] if len(rows) else np.zeros((0, attrs["dim"]), np.float16)
+            labels = handle["labels"][...][pick]
+            paths = handle["paths"].asstr()[...][pick]
+            splits = handle["split"][...][pick]
             errors = read_errors(handle)
         return cls(path, features, labels, paths, splits, rows, attrs, errors)
 
