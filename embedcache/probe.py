@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +44,10 @@ HEADS = ("torch", "sklearn")
 #: Largest feature dimension for which the torch head preconditions L-BFGS with the data's
 #: covariance eigenbasis (an eigendecomposition of a dim x dim matrix: ~0.2 s at 1280, ~d^3).
 PRECONDITION_MAX_DIM = 2048
-#: Largest data matrix (bytes) for which the torch head on a CPU also keeps a transposed copy:
-#: the gradient pass ``G^T Z`` reads a (features x rows) matrix about 30% faster than the
-#: row-major one (measured on a 2-core AVX-512 CPU, bf16, 54k x 1280), for twice the memory.
+#: Largest bf16 data matrix (bytes) for which the torch head on a CPU also keeps a transposed
+#: copy: the bf16 gradient pass ``G^T Z`` reads a (features x rows) matrix about 30% faster than
+#: the row-major one (2-core AVX-512 CPU, 54k x 1280), for twice the memory. In float32 the
+#: row-major product is the faster one, so no copy is made.
 COLUMNS_MAX_BYTES = 1 << 30
 #: Fraction of train held out for validation when the cache has no val split.
 DEFAULT_VAL_FRACTION = 0.1
@@ -64,6 +66,8 @@ def _check_features(X: Any, *, name: str = "X", n_features: int | None = None) -
         )
     if not np.issubdtype(X.dtype, np.number):
         raise ConfigError(f"{name} must be numeric. Got dtype {X.dtype}.")
+    if any(stride < 0 for stride in X.strides):  # reversed views: torch cannot wrap them
+        X = np.ascontiguousarray(X)
     if X.dtype == np.float16:  # caches store fp16; numpy's half conversion is ~8x slower than torch's
         X = torch.from_numpy(np.ascontiguousarray(X)).float().numpy()
     else:
@@ -90,7 +94,10 @@ def linear_scores(X: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.
     """``X @ coef.T + intercept`` in float32, computed by torch rather than numpy: numpy's BLAS
     (OpenBLAS) keeps its own threads spinning after a product, and on a small CPU they then steal
     cores from the torch solver's next passes (a probe sweep ran 25% slower on 2 cores)."""
-    scores = torch.from_numpy(np.asarray(X, np.float32)) @ torch.from_numpy(np.asarray(coef, np.float32)).T
+    with warnings.catch_warnings():  # read-only inputs (memory-mapped) are fine: nothing writes to them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        data = torch.from_numpy(np.asarray(X, np.float32))
+    scores = data @ torch.from_numpy(np.asarray(coef, np.float32)).T
     return scores.add_(torch.from_numpy(np.asarray(intercept, np.float32))).numpy()
 
 
@@ -239,7 +246,8 @@ class TorchLinearProbe(_LinearMixin, ClassifierMixin, BaseEstimator):
         if getattr(self, "_data_key", None) != key:
             self._data = self._columns = None  # free the old matrices before building the new ones
             device, dtype = torch.device(self.device), getattr(torch, self.data_dtype)
-            transposed = device.type == "cpu" and source.size * dtype.itemsize <= COLUMNS_MAX_BYTES
+            transposed = (device.type == "cpu" and dtype == torch.bfloat16
+                          and source.size * dtype.itemsize <= COLUMNS_MAX_BYTES)
             self._data, self._columns = _standardised_matrix(source, self.mean_, self.scale_, dtype, device,
                                                              transposed=transposed)
             self._data_source, self._data_key = source, key
@@ -294,6 +302,8 @@ def _standardised_matrix(X: np.ndarray, mean: np.ndarray, scale: np.ndarray, dty
     """``(X - mean) / scale`` as a ``dtype`` tensor on ``device``, and with ``transposed`` also a
     (features x rows) copy of it (else None). Built in row blocks small enough to stay in cache,
     with no full float32 temporary."""
+    if device.type != "cpu":
+        block = max(block, 16384)  # fewer, larger host-to-device copies
     out = torch.empty(X.shape, dtype=dtype, device=device)
     columns = torch.empty(X.shape[::-1], dtype=dtype, device=device) if transposed else None
     shift = torch.from_numpy(np.asarray(mean, np.float32)).to(device)
@@ -443,8 +453,9 @@ def sweep_penalty(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
         _check_features(whole, name="X_train/X_val")
         if head == "torch":
             estimator._share_rows(whole)
-    else:
-        X_val = _check_features(X_val, name="X_val")  # checked once, not per fit
+    else:  # checked (and converted to float32) once, not per fit: the fits then reuse the prepared data
+        X_train = _check_features(X_train, name="X_train")
+        X_val = _check_features(X_val, name="X_val")
     y_val = np.asarray(y_val)
     accuracies, iterations, seconds = [], [], []
     best_fit: dict[str, Any] = {}
@@ -464,12 +475,15 @@ def sweep_penalty(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
 
 def _fitted_state(estimator: Any) -> dict[str, Any]:
     """What restores ``estimator`` to its current fit (attributes are replaced, never mutated,
-    by later fits; the sklearn head's warm-started model is mutated, so it is copied)."""
+    by later fits; the sklearn head's warm-started model and the torch head's L-BFGS memory are
+    mutated, so they are copied)."""
     import copy
 
     saved = dict(vars(estimator))
     if "model_" in saved:
         saved["model_"] = copy.deepcopy(saved["model_"])
+    if saved.get("_memory") is not None:
+        saved["_memory"] = saved["_memory"].copy()
     return saved
 
 
@@ -577,7 +591,8 @@ def probe(entry: str | os.PathLike | Any, *, head: str = "torch", penalty: float
         seed: seed of that hold-out.
         standardize: standardise features (statistics from the fitting rows only).
         device: torch head device.
-        max_iter: solver iteration cap (default: the head's).
+        max_iter: solver iteration cap for every fit (default: the head's; for a torch sweep and
+            its refit, the budgets of :func:`iteration_budget`).
         out: directory for the probe artifact, report.json and confusion.png.
         cache_dir: where to resolve a key prefix (default ``$EMBEDCACHE_DIR`` or ``./cache``).
         progress: called with a short message after each step.

@@ -13,9 +13,9 @@ any device the tensors live on.
   search (safeguarded Newton on the step, strong Wolfe), which costs no further pass over ``Z``.
   An iteration reads the data exactly twice (that product, then the gradient ``G^T Z`` at the
   accepted point), and changing the penalty between fits of a path costs no pass at all (the
-  logits and the data part of the gradient do not depend on it). Nor does its curvature memory
-  go stale: the penalty's share of each stored gradient change is known exactly, so a path of
-  fits carries the memory along and each later fit starts with a good Hessian model.
+  logits and the data part of the gradient do not depend on it). The curvature memory carries
+  over too: the penalty's share of each stored gradient change is known exactly and is corrected,
+  so each later fit of a path starts with a Hessian model (measured at earlier iterates).
 - :class:`DataCovariance`: a Kronecker preconditioner (class curvature x feature covariance),
   L-BFGS's initial inverse Hessian; it cuts the iterations on correlated features several-fold.
 """
@@ -61,6 +61,13 @@ class LBFGSMemory:
                     kept.append((s, y, 1.0 / curvature))
             self.pairs = kept
         self.penalty = penalty
+
+    def copy(self) -> LBFGSMemory:
+        """A snapshot: later pushes and penalty changes of either do not affect the other (the
+        stored tensors are never modified in place, so they are shared)."""
+        twin = LBFGSMemory(self.size, self.precondition)
+        twin.pairs, twin.penalty = list(self.pairs), self.penalty
+        return twin
 
     def push(self, step: torch.Tensor, grad_change: torch.Tensor) -> bool:
         """Store a pair when its curvature s.y is positive (always, for a convex objective)."""
@@ -200,8 +207,8 @@ def fit_softmax(data: torch.Tensor, target: torch.Tensor, state: SoftmaxState, *
     preconditioner of :meth:`DataCovariance.preconditioner` at the current point.
 
     ``memory``: an :class:`LBFGSMemory` to continue (a previous fit of a penalty path; its pairs are
-    corrected for the new penalty, and pairs measured on fewer rows of the same data still are
-    valid positive-curvature information), else a fresh one of ``history`` pairs. It is updated
+    corrected for the new penalty; pairs measured on fewer rows of the same data are a good
+    approximation with positive curvature), else a fresh one of ``history`` pairs. It is updated
     in place. ``columns``: ``data`` transposed (features x rows), for a faster gradient pass.
 
     On a CPU only the two passes use the configured intra-op threads; everything else (line
@@ -230,8 +237,9 @@ def _fit_softmax(data: torch.Tensor, target: torch.Tensor, state: SoftmaxState, 
     grad = gradient(state)
     iterations = 0
     while iterations < max_iter and float(grad.abs().max()) > tol:
-        if covariance is not None:  # the class curvature moves as the fit sharpens: refresh it
-            memory.precondition = covariance.preconditioner(state.logits, penalty)
+        # the class curvature moves as the fit sharpens: refresh it (and never keep a
+        # preconditioner that a continued memory brought from another fit)
+        memory.precondition = None if covariance is None else covariance.preconditioner(state.logits, penalty)
         direction = memory.direction(grad)
         if float(torch.dot(grad, direction)) >= 0:
             memory.pairs.clear()

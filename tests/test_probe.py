@@ -264,3 +264,37 @@ def test_probe_result_does_not_keep_the_training_matrices():
     np.testing.assert_array_equal(result.estimator.predict(X[150:]), result.estimator.predict(X[150:].copy()))
     result.estimator.fit(X[:150], y[:150])  # a later warm fit prepares the data again
     assert result.estimator._data is not None
+
+
+@pytest.mark.parametrize("head", [TorchLinearProbe, SklearnProbe])
+def test_reversed_and_read_only_feature_arrays_are_accepted(head):
+    X, y = blobs(n=200)
+    est = head(penalty=1e-2).fit(X[::-1], y[::-1])
+    frozen = X.copy()
+    frozen.flags.writeable = False
+    np.testing.assert_array_equal(est.predict(X[:, ::-1][:, ::-1]), est.predict(frozen))
+    assert est.score(X[::-1], y[::-1]) == pytest.approx(est.score(X, y))
+
+
+def test_sweep_on_separate_float64_arrays_prepares_the_data_once(monkeypatch):
+    probe_module = __import__("sys").modules["embedcache.probe"]
+    built = []
+    original = probe_module._standardised_matrix
+    monkeypatch.setattr(probe_module, "_standardised_matrix", lambda *a, **k: built.append(1) or original(*a, **k))
+    X, y = blobs(n=600, d=40, k=4, seed=2, sep=0.7)
+    X = X.astype(np.float64)
+    sweep_penalty(X[:450].copy(), y[:450], X[450:].copy(), y[450:], penalties=[1e-1, 1e-2, 1e-3])
+    assert len(built) == 1
+
+
+def test_float32_data_keeps_no_transposed_copy():
+    X, y = blobs(n=300, d=30, k=3)
+    assert TorchLinearProbe(data_dtype="float32").fit(X, y)._columns is None
+    assert TorchLinearProbe(data_dtype="bfloat16").fit(X, y)._columns is not None
+
+
+def test_sweep_restores_the_chosen_fits_own_solver_memory():
+    X, y = blobs(n=600, d=40, k=4, seed=2, sep=0.7)
+    result = sweep_penalty(X[:450], y[:450], X[450:], y[450:], penalties=[1e1, 1e-1, 1e-3, 1e-5])
+    assert result.best_penalty != 1e-5  # else the check below cannot tell the memories apart
+    assert result.estimator._memory.penalty == result.best_penalty
