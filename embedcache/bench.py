@@ -150,12 +150,10 @@ def write_leaderboard(report: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _bar_chart(labels: list[str], values: list[float], path: Path, xlabel: str) -> bool:
-    try:
-        import matplotlib
+    from embedcache.metrics import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(labels) + 1.2))
     ax.barh(labels[::-1], values[::-1], color="#4c72b0")
@@ -302,12 +300,10 @@ def _write_fewshot(report: dict[str, Any], out: Path) -> None:
              "", "| k per class | test top-1 mean | std |", "|---|---|---|"]
     lines += [f"| {r['k']} | {r['mean']:.4f} | {r['std']:.4f} |" for r in report["results"]]
     (out / "fewshot.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
+    from embedcache.metrics import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     ks = [r["k"] for r in report["results"]]
     means = np.array([r["mean"] for r in report["results"]])

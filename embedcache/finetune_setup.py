@@ -66,14 +66,14 @@ def open_data(data: Any, loaded: Any, *, val_fraction: float, test_fraction: flo
 
 def _check_against_probe_cache(loaded: Any, keys: np.ndarray, parts: dict[str, Any]) -> str:
     """Refuse test images the probe trained on; note when the test split differs from the probe's."""
-    from embedcache.store import FeatureStore
+    from embedcache.store import row_keys
 
     path = loaded.metadata.get("cache_path")
     if not path or not Path(path).is_file():
         return "probe's cache not found: could not compare splits"
     try:
-        store = FeatureStore.open(path)
-        cache_keys, cache_splits = np.asarray(store.paths).astype(str), np.asarray(store.splits)
+        paths, cache_splits = row_keys(path)  # only the keys: the features are not needed here
+        cache_keys = np.asarray(paths).astype(str)
     except Exception as exc:  # noqa: BLE001 - the check is a safeguard, not a requirement
         return f"probe's cache unreadable ({exc.__class__.__name__}): could not compare splits"
     test = set(keys[parts["test"]].astype(str).tolist())

@@ -54,14 +54,23 @@ def classification_report(
     }
 
 
-def save_confusion_png(report: dict[str, Any], path: str, *, title: str = "") -> bool:
-    """Write a confusion-matrix heatmap when matplotlib is installed; returns whether it did."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the non-interactive Agg backend, or None when matplotlib (an
+    optional extra) is not installed: every PNG this package writes is skipped then."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_confusion_png(report: dict[str, Any], path: str, *, title: str = "") -> bool:
+    """Write a confusion-matrix heatmap when matplotlib is installed; returns whether it did."""
+    plt = pyplot()
+    if plt is None:
         return False
     matrix = np.asarray(report["confusion_matrix"], dtype=float)
     rows = matrix.sum(axis=1, keepdims=True)
@@ -89,12 +98,8 @@ def save_confusion_png(report: dict[str, Any], path: str, *, title: str = "") ->
 
 def save_curve_png(report: dict[str, Any], path: str) -> bool:
     """Train loss and val accuracy per epoch (epoch 0 = the starting point) when matplotlib is installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     epochs = report["epochs"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))

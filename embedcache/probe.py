@@ -432,18 +432,17 @@ def sweep_penalty(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
     The torch head solves each penalty with a budget of :data:`SWEEP_MAX_ITER` iterations
     (:data:`SWEEP_FIRST_MAX_ITER` for the first; more on small data, see :func:`iteration_budget`)
     unless ``max_iter`` is given, and bf16 data where the CPU has native bf16 (or on CUDA). The
-    best validation accuracy wins; ties go to the stronger penalty (the simpler model). The returned estimator holds the fit at
-    the chosen penalty. When ``X_train`` and ``X_val`` are consecutive row slices of one array (as
-    :func:`probe_arrays` passes them), the torch head prepares the data for both at once, so the
-    refit on that whole array reuses it.
+    best validation accuracy wins; ties go to the stronger penalty (the simpler model). The
+    returned estimator holds the fit at the chosen penalty. When ``X_train`` and ``X_val`` are
+    consecutive row slices of one array (as :func:`probe_arrays` passes them), the torch head
+    prepares the data for both at once, so the refit on that whole array reuses it.
     """
     if len(penalties) == 0:
         raise ConfigError("The 'penalties' grid is empty; give at least one value.")
     ordered = sorted({float(p) for p in penalties}, reverse=True)
-    budgets: list[dict[str, int]] = [{} for _ in ordered]  # per-fit max_iter overrides
+    budgets: list[dict[str, int]] = [{} for _ in ordered]  # per-fit max_iter, unless the caller set one
     if head == "torch":
         if "max_iter" not in params:  # the first fit starts from zero and gets a larger budget
-            params["max_iter"] = SWEEP_MAX_ITER
             budgets = [{"max_iter": iteration_budget(SWEEP_FIRST_MAX_ITER if i == 0 else SWEEP_MAX_ITER,
                                                      np.shape(X_train))} for i in range(len(ordered))]
         params.setdefault("data_dtype", _fast_data_dtype(params.get("device", "cpu")))

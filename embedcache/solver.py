@@ -52,14 +52,11 @@ class LBFGSMemory:
         of penalties keeps its curvature information from one fit to the next.
         """
         if self.penalty is not None and penalty != self.penalty and self.pairs:
-            delta, kept = penalty - self.penalty, []
-            for s, y, _ in self.pairs:
+            delta, measured, self.pairs = penalty - self.penalty, self.pairs, []
+            for s, y, _ in measured:
                 y = y.clone()
                 y[:n_penalised].add_(s[:n_penalised], alpha=delta)
-                curvature = float(torch.dot(s, y))
-                if curvature > 1e-10 * float(torch.dot(y, y)) and curvature > 0:
-                    kept.append((s, y, 1.0 / curvature))
-            self.pairs = kept
+                self.push(s, y)  # kept when its curvature is still positive
         self.penalty = penalty
 
     def copy(self) -> LBFGSMemory:

@@ -275,6 +275,13 @@ def find_reusable_entry(cache_dir: str | os.PathLike, config_key: str) -> Path |
     return None if best is None else best[1]
 
 
+def row_keys(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``(paths, split codes)`` of an entry's done rows, without reading its features."""
+    with h5py.File(path, "r", locking=False) as handle:
+        done = handle["done"][...].astype(bool)
+        return handle["paths"].asstr()[...][done], handle["split"][...][done]
+
+
 def reusable_rows(source: Path) -> dict[tuple[str, int, int], int]:
     """``{(path, size, mtime_ns): row}`` for done rows of a complete entry."""
     with h5py.File(source, "r", locking=False) as handle:
