@@ -27,9 +27,10 @@ import torch
 from PIL import Image
 
 import embedcache
-from embedcache.backbones import get_backbone
-from embedcache.extract import default_workers, fold_batchnorms, resolve_device, resolve_precision
-from embedcache.preprocess import normalize_batch, to_uint8_tensor
+from embedcache.models.catalog import get_backbone
+from embedcache.models.fuse import fold_batchnorms
+from embedcache.models.preprocess import normalize_batch, to_uint8_tensor
+from embedcache.runtime import default_workers, resolve_device, resolve_precision
 
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 
@@ -42,7 +43,8 @@ def write_images(dest: Path, n: int, synthetic: bool) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i:06d}.png")
         return
-    from embedcache.data import open_source, write_image_folder
+    from embedcache.sources.materialize import write_image_folder
+    from embedcache.sources.open import open_source
 
     source = open_source(f"torchvision:FashionMNIST:{FASHION_ROOT}")
     write_image_folder(source, dest, limit_per_split={2: n})  # test split only, stratified

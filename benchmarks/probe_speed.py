@@ -24,8 +24,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from embedcache.probe import probe_arrays
-from embedcache.store import FeatureStore
+from embedcache.experiments.protocol import probe_arrays
+from embedcache.store.reader import FeatureStore
 
 
 def synthetic(n_train: int = 50_000, n_test: int = 10_000, dim: int = 1280, k: int = 10, seed: int = 0):

@@ -9,69 +9,74 @@ Public API::
     result = embedcache.probe(store, out="probes/flowers")   # penalty sweep, refit, test
     embedcache.predict("probes/flowers", ["new_photo.jpg"])
     embedcache.finetune("probes/flowers", "data/flowers")   # LP->FT, checkpointed, resumable
+
+Every name is imported on first use (PEP 562), so ``import embedcache`` loads neither torch nor
+scikit-learn. Where each name lives: :data:`_API`; the layers: docs/architecture.md.
 """
 
-from embedcache.backbones import (
-    Backbone,
-    BackboneParts,
-    get_backbone,
-    list_backbones,
-    register_backbone,
-)
-from embedcache.errors import (
-    CacheError,
-    CacheLockedError,
-    ConfigError,
-    DataSourceError,
-    DecodeError,
-    EmbedcacheError,
-    TooManyErrorsError,
-    UnknownBackboneError,
-    WeightsError,
-)
-from embedcache.preprocess import PreprocessSpec
-from embedcache.store import FeatureStore
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any
 
-# Imported after __version__ (extract records it). Binding the function name here, after the
-# submodule import, makes `embedcache.extract` the function, as the public API promises.
-from embedcache.artifacts import LoadedProbe, load_probe, predict  # noqa: E402
-from embedcache.bench import bench, fewshot  # noqa: E402
-from embedcache.data import open_source  # noqa: E402
-from embedcache.extract import extract  # noqa: E402
-from embedcache.finetune import FinetuneResult, finetune  # noqa: E402
-from embedcache.probe import ProbeResult, SklearnProbe, TorchLinearProbe, probe  # noqa: E402
+from embedcache.runtime import package_version
 
-__all__ = [
-    "Backbone",
-    "BackboneParts",
-    "CacheError",
-    "CacheLockedError",
-    "ConfigError",
-    "DataSourceError",
-    "DecodeError",
-    "EmbedcacheError",
-    "FeatureStore",
-    "FinetuneResult",
-    "LoadedProbe",
-    "ProbeResult",
-    "SklearnProbe",
-    "TorchLinearProbe",
-    "PreprocessSpec",
-    "TooManyErrorsError",
-    "UnknownBackboneError",
-    "WeightsError",
-    "__version__",
-    "bench",
-    "extract",
-    "fewshot",
-    "finetune",
-    "get_backbone",
-    "list_backbones",
-    "load_probe",
-    "open_source",
-    "predict",
-    "probe",
-    "register_backbone",
-]
+__version__ = package_version("embedcache")
+
+#: public name -> defining module
+_API = {
+    "Backbone": "embedcache.models.backbone",
+    "BackboneParts": "embedcache.models.backbone",
+    "BackboneSpec": "embedcache.models.backbone",
+    "get_backbone": "embedcache.models.catalog",
+    "list_backbones": "embedcache.models.catalog",
+    "register_backbone": "embedcache.models.registry",
+    "PreprocessSpec": "embedcache.models.preprocess",
+    "CacheError": "embedcache.errors",
+    "CacheLockedError": "embedcache.errors",
+    "ConfigError": "embedcache.errors",
+    "DataSourceError": "embedcache.errors",
+    "DecodeError": "embedcache.errors",
+    "EmbedcacheError": "embedcache.errors",
+    "TooManyErrorsError": "embedcache.errors",
+    "UnknownBackboneError": "embedcache.errors",
+    "WeightsError": "embedcache.errors",
+    "Split": "embedcache.splits",
+    "ImageSource": "embedcache.sources.base",
+    "open_source": "embedcache.sources.open",
+    "write_image_folder": "embedcache.sources.materialize",
+    "FeatureStore": "embedcache.store.reader",
+    "extract": "embedcache.extraction.extract",
+    "ExtractResult": "embedcache.extraction.extract",
+    "ExtractStats": "embedcache.extraction.extract",
+    "TorchLinearProbe": "embedcache.heads.torch_probe",
+    "SklearnProbe": "embedcache.heads.sklearn_probe",
+    "probe": "embedcache.experiments.protocol",
+    "ProbeResult": "embedcache.experiments.protocol",
+    "load_probe": "embedcache.experiments.artifacts",
+    "LoadedProbe": "embedcache.experiments.artifacts",
+    "predict": "embedcache.experiments.predict",
+    "PredictResult": "embedcache.experiments.predict",
+    "bench": "embedcache.experiments.bench",
+    "BenchResult": "embedcache.experiments.bench",
+    "fewshot": "embedcache.experiments.fewshot",
+    "FewshotResult": "embedcache.experiments.fewshot",
+    "finetune": "embedcache.experiments.finetune.run",
+    "FinetuneResult": "embedcache.experiments.finetune.run",
+    "FinetuneConfig": "embedcache.experiments.finetune.config",
+}
+
+__all__ = ["__version__", *sorted(_API)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'embedcache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from embedcache.store import FeatureStore
+from embedcache.store.reader import FeatureStore
 
 
 def committed_rows(cache: Path) -> int:

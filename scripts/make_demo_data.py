@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedcache.data import read_idx
+from embedcache.sources.arrays import read_idx
 
 TRAIN_PER_CLASS = 300
 TEST_PER_CLASS = 100

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedcache.data import read_idx
+from embedcache.sources.arrays import read_idx
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from embedcache.backbones import BackboneParts, register_backbone
-from embedcache.preprocess import PreprocessSpec
+from embedcache.models.backbone import BackboneParts
+from embedcache.models.preprocess import PreprocessSpec
+from embedcache.models.registry import register_backbone
 
 TINY = "tiny-test"
 TINY_SPEC = PreprocessSpec(resize_size=16, crop_size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -32,7 +33,9 @@ class TinyNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-@register_backbone(TINY, description="8-d test backbone", dim=8, input_size=16, offline_ready=True)
+# weights_files: the model is a seeded random init (no file), so a cache hit need not build it
+@register_backbone(TINY, description="8-d test backbone", dim=8, input_size=16, offline_ready=True,
+                   weights_files=lambda weights, weights_path: [])
 def tiny_factory(*, weights: str | None, weights_path: str | None) -> BackboneParts:
     seed = 1 if weights == "other" else 0
     with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,89 @@
+"""``embedcache bench`` and ``embedcache fewshot``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from embedcache.cli.common import (
+    batch_size_option,
+    cache_dir_option,
+    device_option,
+    handle_errors,
+    parse_ints,
+    progress_bar,
+    table,
+    workers_option,
+)
+from embedcache.cli.probe import head_option
+
+
+@click.command("bench")
+@click.argument("data")
+@click.option("--backbones", required=True,
+              help="Comma-separated NAME[@SIZE][=WEIGHTS], e.g. efficientnet_lite0,resnet18=none,pixels@28.")
+@head_option
+@click.option("--image-size", type=int, default=None, help="Input size for backbones without @SIZE.")
+@batch_size_option
+@workers_option
+@device_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probes' val hold-out.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write leaderboard.json/.csv/.md (and .png with matplotlib) here.")
+@cache_dir_option
+@handle_errors
+def bench_command(data: str, backbones: str, out: Path | None, **options: object) -> None:
+    """Leaderboard of linear probes across backbones on DATA.
+
+    \b
+    Per backbone: extract (a cache hit when the entry exists), then the probe protocol
+    (penalty swept on val only, refit on train+val, one test score). A second run of the same
+    command only trains probes. Add `pixels` to see whether a backbone beats raw pixels,
+    and e.g. `resnet18=none` for a randomly initialised network.
+    """
+    from embedcache.experiments.bench import bench
+    from embedcache.experiments.reports import leaderboard_table
+
+    update, close = progress_bar()
+
+    def line(message: str) -> None:
+        close()
+        click.echo(message, err=True)
+
+    try:
+        result = bench(data, [b for b in backbones.split(",") if b.strip()], out=out, progress=line,
+                       extract_progress=update, **options)
+    finally:
+        close()
+    headers, cells = leaderboard_table(result.to_dict())
+    click.echo(table(cells, headers))
+    if out is not None:
+        click.echo(f"\nwrote {out}/leaderboard.json, .csv, .md" + (
+            ", .png" if (Path(out) / "leaderboard.png").exists() else ""))
+
+
+@click.command("fewshot")
+@click.argument("entry")
+@click.option("--shots", default="1,2,5,10,20", show_default=True, help="Values of k (examples per class).")
+@click.option("--seeds", type=int, default=10, show_default=True, help="Seeds per k (0..N-1).")
+@head_option
+@click.option("--penalty", type=float, default=0.1, show_default=True,
+              help="Fixed penalty for every k (never chosen by looking at test).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write fewshot.json, fewshot.md and fewshot.png here.")
+@cache_dir_option
+@handle_errors
+def fewshot_command(entry: str, shots: str, **options: object) -> None:
+    """k-shot x seed learning curve from a cache entry, in seconds (no image is decoded).
+
+    For each k and seed, k examples per class are drawn from the train split, a probe with a
+    fixed penalty is fitted on them and scored on the full test split.
+    """
+    from embedcache.experiments.fewshot import fewshot
+
+    result = fewshot(entry, shots=parse_ints(shots, "--shots"), **options)
+    rows = [[str(r.k), f"{r.mean:.4f}", f"{r.std:.4f}"] for r in result.results]
+    click.echo(table(rows, ["k per class", "test top-1 mean", "std"]))
+    click.echo(f"\n{result.backbone}, {result.head} head, penalty {result.penalty:g} (fixed), {result.seeds} seeds, "
+               f"{result.n_test} test images, {result.seconds:.1f} s")

@@ -1,0 +1,106 @@
+"""``embedcache extract``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from embedcache.cli.common import (
+    batch_size_option,
+    cache_dir_option,
+    device_option,
+    handle_errors,
+    json_option,
+    precision_option,
+    progress_bar,
+    workers_option,
+)
+from embedcache.models.pooling import POOLS
+from embedcache.store.schema import STORE_DTYPES
+
+if TYPE_CHECKING:
+    from embedcache.extraction.extract import ExtractStats
+
+
+@click.command("extract")
+@click.argument("data")
+@click.option("-b", "--backbone", default="efficientnet_lite0", show_default=True,
+              help="Backbone name (see `embedcache backbones`), module.path:factory, or timm:NAME.")
+@click.option("--weights-tag", "weights", default=None,
+              help="Weights tag: DEFAULT, IMAGENET1K_V2, ..., or 'none' for random init.")
+@click.option("--weights", "weights_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Local state dict (.safetensors, or .pt/.pth loaded with weights_only=True).")
+@click.option("--layer", default=None, help="Intermediate graph node to read instead of the penultimate features.")
+@click.option("--pool", type=click.Choice(POOLS), default="avg", show_default=True, help="Pooling of --layer's output.")
+@click.option("--image-size", type=int, default=None,
+              help="Model input size in pixels (default: the backbone's).")
+@batch_size_option
+@workers_option
+@device_option
+@precision_option
+@click.option("--store-dtype", type=click.Choice(STORE_DTYPES), default="float16", show_default=True,
+              help="On-disk dtype of the features.")
+@click.option("--max-errors", default=None,
+              help="Fail when more images than this fail to decode: a count (10) or a fraction (0.01).")
+@click.option("--unlabelled", is_flag=True, default=None, help="Treat DATA as a folder of unlabelled images.")
+@click.option("--val-fraction", type=float, default=0.0, show_default=True,
+              help="Hold-out to val when DATA has no splits.")
+@click.option("--test-fraction", type=float, default=0.2, show_default=True,
+              help="Hold-out to test when DATA has no splits.")
+@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of that stratified hold-out.")
+@click.option("--no-incremental", is_flag=True, help="Do not copy rows of unchanged files from an older entry.")
+@json_option
+@cache_dir_option
+@handle_errors
+def extract_command(data: str, no_incremental: bool, as_json: bool, **options: object) -> None:
+    """Extract pooled features of DATA once into the cache.
+
+    \b
+    DATA is one of:
+      ROOT/                      class folders ROOT/<class>/<img>, or ROOT/{train,val,test}/<class>/<img>
+      manifest.csv               columns path,label[,split]; paths relative to the CSV
+      images.npz                 arrays train_images, train_labels, class_names (+ val_/test_)
+      torchvision:NAME:ROOT      a torchvision dataset from local files, e.g.
+                                 torchvision:FashionMNIST:/usr/share/datasets/fashion-mnist
+      demo                       the small Fashion-MNIST sample bundled with embedcache
+
+    \b
+    The same command again is a cache hit (no model runs). An interrupted run resumes where it
+    stopped. Undecodable images are skipped and listed by `embedcache info ENTRY`.
+    """
+    from embedcache.extraction.extract import extract
+
+    update, close = progress_bar()
+    try:
+        store = extract(data, incremental=not no_incremental, progress=update, **options)
+    finally:
+        close()
+    stats = store.stats
+    for warning in stats.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        click.echo(json.dumps({"path": str(store.path), "cache_key": store.cache_key, "cache_hit": store.cache_hit,
+                               **stats.to_dict()}, default=str))
+        return
+    if store.cache_hit:
+        click.echo(f"cache hit: {store.path} ({len(store)} rows x {store.attrs['dim']}, "
+                   f"{stats.failed} failed) in {stats.seconds:.2f} s; no model ran.")
+        return
+    click.echo(_summary(stats, Path(store.path)))
+    if stats.failed:
+        click.echo(f"failures are listed by: embedcache info {store.path}", err=True)
+
+
+def _summary(stats: ExtractStats, path: Path) -> str:
+    rate = f", {stats.images_per_s:.0f} img/s" if stats.images_per_s else ""
+    extra = []
+    if stats.reused_rows:
+        extra.append(f"{stats.reused_rows} reused from an older entry")
+    if stats.resumed_rows:
+        extra.append(f"{stats.resumed_rows} resumed")
+    return (f"extracted {stats.n} images ({stats.computed_rows} computed"
+            f"{', ' + ', '.join(extra) if extra else ''}), {stats.failed} failed, "
+            f"{stats.seconds:.1f} s{rate}, {stats.device}/{stats.precision} -> {path}")

@@ -1,0 +1,132 @@
+"""``bench``: a leaderboard of linear probes across backbones on one data set.
+
+Per backbone: extract (a cache hit when the entry exists), then the probe protocol. A second run
+of the same command only trains probes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from embedcache.errors import ConfigError
+from embedcache.experiments.protocol import probe
+from embedcache.experiments.reports import write_leaderboard
+from embedcache.extraction.extract import extract
+
+
+@dataclass(frozen=True)
+class BackboneItem:
+    """One ``NAME[@SIZE][=WEIGHTS]`` item of ``--backbones``."""
+
+    label: str
+    backbone: str
+    image_size: int | None
+    weights: str | None
+
+
+def parse_backbone_item(item: str) -> BackboneItem:
+    """``NAME[@SIZE][=WEIGHTS]``, e.g. ``resnet18=none``, ``pixels@28``, ``efficientnet_lite1@240``."""
+    text = item.strip()
+    weights = None
+    if "=" in text:
+        text, weights = text.split("=", 1)
+    size = None
+    if "@" in text:
+        text, raw = text.rsplit("@", 1)
+        try:
+            size = int(raw)
+        except ValueError:
+            raise ConfigError(f"Backbone item {item!r}: the size after '@' must be an int.") from None
+        if size < 1:
+            raise ConfigError(f"Backbone item {item!r}: the size after '@' must be a positive int.")
+    if not text:
+        raise ConfigError(f"Backbone item {item!r} has no name.")
+    return BackboneItem(label=item.strip(), backbone=text, image_size=size, weights=weights)
+
+
+@dataclass
+class BenchRow:
+    """One backbone's line of the leaderboard."""
+
+    backbone: str
+    test_top1: float
+    test_balanced_accuracy: float
+    penalty: float
+    dim: int
+    image_size: int
+    weights: str | None
+    extract_images_per_s: float | None
+    probe_seconds: float
+    cache_hit: bool
+    cache: str
+    n_train: int
+    n_test: int
+
+
+@dataclass
+class BenchResult:
+    """The leaderboard, rows sorted by test accuracy."""
+
+    data: str
+    head: str
+    seed: int
+    rows: list[BenchRow]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": self.data, "head": self.head, "seed": self.seed,
+                "rows": [dataclasses.asdict(r) for r in self.rows]}
+
+
+def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
+          image_size: int | None = None, cache_dir: str | os.PathLike | None = None,
+          out: str | os.PathLike | None = None, batch_size: int = 64, workers: int | None = None,
+          device: str = "auto", seed: int = 0,
+          progress: Callable[[str], None] | None = None,
+          extract_progress: Callable[[Any], None] | None = None) -> BenchResult:
+    """Leaderboard of linear probes across backbones on one dataset.
+
+    Args:
+        data: any DATA form accepted by :func:`embedcache.extract`.
+        backbones: items ``NAME[@SIZE][=WEIGHTS]``; ``@SIZE`` overrides ``image_size``.
+        head: probe head, ``torch`` or ``sklearn``.
+        image_size: input size for backbones without their own ``@SIZE``.
+        cache_dir: cache location.
+        out: directory for leaderboard.json/.csv/.md (and .png with matplotlib).
+        batch_size: extraction batch size.
+        workers: extraction decoding workers.
+        device: extraction device.
+        seed: seed of the probe's validation hold-out.
+        progress: called with one line per finished backbone.
+        extract_progress: passed to :func:`embedcache.extract` as its progress callback.
+    """
+    if not backbones:
+        raise ConfigError("The 'backbones' list is empty; name at least one (e.g. efficientnet_lite0,pixels).")
+    items = [parse_backbone_item(b) for b in backbones]  # all checked before any extraction
+    rows = []
+    for item in items:
+        store = extract(data, backbone=item.backbone, weights=item.weights,
+                        image_size=image_size if item.image_size is None else item.image_size, cache_dir=cache_dir,
+                        batch_size=batch_size, workers=workers, device=device, progress=extract_progress)
+        result = probe(store, head=head, seed=seed)
+        rate = store.attrs.get("extract_images_per_s")
+        row = BenchRow(
+            backbone=item.label, test_top1=result.metrics["top1"],
+            test_balanced_accuracy=result.metrics["balanced_accuracy"], penalty=result.penalty,
+            dim=int(store.attrs["dim"]), image_size=int(store.attrs["preprocess"]["crop_size"]),
+            weights=store.backbone.get("weights"), extract_images_per_s=None if not rate else float(rate),
+            probe_seconds=result.total_seconds, cache_hit=store.cache_hit, cache=str(store.path),
+            n_train=result.split_sizes["train"] + result.split_sizes["val"], n_test=result.split_sizes["test"])
+        rows.append(row)
+        if progress:
+            progress(f"{row.backbone}: test top-1 {row.test_top1:.4f} "
+                     f"({'cache hit' if row.cache_hit else 'extracted'}, probe {row.probe_seconds:.1f} s)")
+    rows.sort(key=lambda r: -r.test_top1)
+    result = BenchResult(str(data), head, seed, rows)
+    if out is not None:
+        write_leaderboard(result.to_dict(), Path(out))
+    return result

@@ -1,0 +1,86 @@
+"""Train-time augmentation on top of a backbone's own preprocessing, for fine-tuning.
+
+A training image gets a random resized crop (area and aspect ratio drawn per image) resampled to
+the backbone's input size with the backbone's interpolation, and a horizontal flip half of the
+time; mean/std normalisation is the backbone's, applied next to the model as during extraction.
+Evaluation images get exactly the extraction preprocessing (:func:`to_uint8_tensor`).
+
+The random draws depend only on ``(seed, epoch, row)``, never on worker processes or on where a
+run was interrupted, so a resumed epoch sees the same crops as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from embedcache.extraction.loop import ImageDataset
+from embedcache.models.preprocess import PIL_INTERPOLATION, PreprocessSpec, to_uint8_tensor
+from embedcache.sources.base import ImageSource
+
+#: Fraction of the image area a random crop keeps (milder than ImageNet training's 0.08: the
+#: network is already trained and the head starts from a probe).
+CROP_SCALE = (0.35, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def random_crop_box(width: int, height: int, rng: np.random.Generator, *,
+                    scale: tuple[float, float] = CROP_SCALE,
+                    ratio: tuple[float, float] = CROP_RATIO) -> tuple[int, int, int, int]:
+    """A ``(left, top, right, bottom)`` box with a random area fraction and aspect ratio."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    side = min(width, height)  # fall back to the centred square
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def augment_image(image: Image.Image, spec: PreprocessSpec, rng: np.random.Generator) -> torch.Tensor:
+    """Random resized crop + horizontal flip → ``(3, crop, crop)`` uint8 (channels-last view)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    box = random_crop_box(image.width, image.height, rng)
+    size = spec.crop_size
+    image = image.resize((size, size), PIL_INTERPOLATION[spec.interpolation], box=box)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.array(image, dtype=np.uint8)
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+class TrainImages(ImageDataset):
+    """Selected rows of a source: item ``position`` is row ``rows[position]``, returned as
+    ``(position, uint8 tensor | None, error)`` with the errors handled as in extraction.
+
+    Set :attr:`epoch` before each epoch's DataLoader is created (workers get a fresh copy).
+    """
+
+    def __init__(self, source: ImageSource, spec: PreprocessSpec, rows: np.ndarray, *,
+                 augment: bool, seed: int) -> None:
+        super().__init__(source, spec)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def tensor(self, position: int) -> torch.Tensor:
+        row = int(self.rows[position])
+        image = self.source.load_image(row)
+        if not self.augment:
+            return to_uint8_tensor(image, self.spec)
+        return augment_image(image, self.spec, np.random.default_rng([self.seed, self.epoch, row]))

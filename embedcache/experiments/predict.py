@@ -1,0 +1,112 @@
+"""``predict``: classify new images with a saved probe; the backbone is rebuilt from its metadata
+and checked against the recorded weights hash, layer, pooling and preprocessing."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embedcache.errors import ConfigError
+from embedcache.experiments.artifacts import load_probe, normalise_class_name
+from embedcache.extraction.loop import Progress, compute_features
+from embedcache.runtime import check_workers, resolve_device
+from embedcache.sources.base import FileSource, ImageSource, Sample
+from embedcache.sources.open import open_source
+from embedcache.splits import Split
+
+
+@dataclass
+class Prediction:
+    """One classified image: its path, true class name (None when unknown), top-k classes and
+    probabilities."""
+
+    path: str
+    true: str | None
+    pred: list[str]
+    prob: list[float]
+
+
+@dataclass
+class PredictResult:
+    """Every prediction, the images that failed to decode, and the accuracy on labelled ones."""
+
+    rows: list[Prediction]
+    failures: list[tuple[str, str]]
+    accuracy: float | None
+    n_scored: int
+    root: str
+
+
+def predict(probe_path: str | os.PathLike, inputs: Sequence[str], *, top_k: int = 1, batch_size: int = 64,
+            workers: int | None = None, device: str = "auto", weights_path: str | os.PathLike | None = None,
+            progress: Callable[[Progress], None] | None = None) -> PredictResult:
+    """Classify images (files, folders, or any DATA form) with a saved probe.
+
+    Args:
+        probe_path: a probe directory (``embedcache probe ENTRY --out DIR``) or a fine-tuned run.
+        inputs: image files, or one folder / CSV / ``.npz`` / any DATA form.
+        top_k: classes returned per image.
+        batch_size, workers, device: how the backbone runs.
+        weights_path: the local weights file, when the probe's backbone used one.
+        progress: called after every batch.
+
+    Returns:
+        The predictions; ``accuracy`` when the inputs carry labels named like the probe's classes.
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"The 'top_k' parameter must be a positive int. Got {top_k!r}.")
+    workers = check_workers(workers)
+    loaded = load_probe(probe_path)
+    bb = loaded.build_backbone(weights_path)
+    source = _open_inputs(list(inputs))
+    precision = loaded.metadata.get("precision") or "auto"
+    if precision == "fp16" and resolve_device(device).type == "cpu":
+        precision = "auto"  # recorded on a GPU; CPUs have no fp16 autocast: use this machine's best
+    rows_idx, features, failures = compute_features(bb, source, batch_size=batch_size, workers=workers,
+                                                    device=device, precision=precision, progress=progress)
+    names = loaded.class_names
+    proba = loaded.predict_proba(features) if len(features) else np.zeros((0, len(names)))
+    classes = np.asarray(loaded.estimator.classes_)
+    k = min(top_k, proba.shape[1]) if proba.size else top_k
+    order = np.argsort(-proba, axis=1)[:, :k]
+    truth = _true_labels(source, names)
+    rows = []
+    for pos, row in enumerate(rows_idx.tolist()):
+        labels = [names[int(classes[j])] if int(classes[j]) < len(names) else str(classes[j]) for j in order[pos]]
+        rows.append(Prediction(source.samples[row].path, truth[row], labels, [float(proba[pos, j]) for j in order[pos]]))
+    scored = [r for r in rows if r.true is not None]
+    accuracy = float(np.mean([r.pred[0] == r.true for r in scored])) if scored else None
+    return PredictResult(rows, [(source.samples[i].path, m) for i, m in failures], accuracy, len(scored), source.root)
+
+
+def _true_labels(source: ImageSource, probe_names: list[str]) -> list[str | None]:
+    """Each sample's class name when the source is labelled with names the probe knows."""
+    known = {normalise_class_name(n): n for n in probe_names}
+    out: list[str | None] = []
+    for sample in source.samples:
+        if sample.label < 0:
+            out.append(None)
+            continue
+        out.append(known.get(normalise_class_name(source.class_names[sample.label])))
+    return out
+
+
+def _open_inputs(inputs: list[str]) -> ImageSource:
+    if not inputs:
+        raise ConfigError("Give at least one image file or folder to classify.")
+    if len(inputs) == 1 and (not Path(inputs[0]).is_file() or inputs[0].lower().endswith((".csv", ".npz"))):
+        return open_source(inputs[0])
+    files = [Path(p).resolve() for p in inputs]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise ConfigError(f"Not files: {', '.join(missing[:5])}. Pass one folder, or image files.")
+    root = Path(os.path.commonpath([str(p.parent) for p in files]))
+    samples = [Sample(p.relative_to(root).as_posix(), -1, int(Split.UNSPLIT), p.stat().st_size, p.stat().st_mtime_ns)
+               for p in files]
+    return FileSource(kind="files", root=str(root), samples=samples, class_names=[],
+                      description=f"{len(files)} files under {root}")
+

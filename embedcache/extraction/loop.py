@@ -1,0 +1,181 @@
+"""The one inference loop: batches of source rows -> decoded uint8 tensors -> a frozen module.
+
+Extraction, ``predict`` and fine-tuning's evaluation all run images through :func:`run_batches`.
+DataLoader workers decode and resize to compact uint8 tensors (channels-last memory);
+normalisation happens next to the model in one fused multiply-add; the model runs under
+``inference_mode`` with autocast at the resolved precision. A bad image never stops the loop:
+it comes back as a failure ``(row, message)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from embedcache.errors import DecodeError
+from embedcache.models.backbone import Backbone
+from embedcache.models.fuse import fold_batchnorms
+from embedcache.models.preprocess import PreprocessSpec, normalize_batch, to_uint8_tensor
+from embedcache.runtime import autocast, resolve_device, resolve_precision
+from embedcache.sources.base import ImageSource
+
+#: Batches each DataLoader worker prepares ahead of the model.
+PREFETCH_BATCHES = 4
+
+
+@dataclass
+class Progress:
+    """What a progress callback receives after every batch."""
+
+    done: int  # rows attempted so far in this run (including reused/resumed)
+    total: int
+    failed: int
+    images_per_s: float
+
+
+@dataclass
+class Batch:
+    """One batch out of the loop: ``outputs`` is ``(len(rows), D)`` float32, None when every
+    image of the batch failed."""
+
+    rows: np.ndarray
+    outputs: np.ndarray | None
+    failures: list[tuple[int, str]]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decode + preprocess in DataLoader workers; ``item i -> (i, uint8 (3,H,W) | None, error)``.
+
+    Never raises for a bad image: the error message comes back instead of the tensor.
+    """
+
+    def __init__(self, source: ImageSource, spec: PreprocessSpec) -> None:
+        self.source = source
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return index, self.tensor(index), None
+        except DecodeError as exc:
+            return index, None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad image must never stop the loop
+            return index, None, f"{type(exc).__name__}: {exc}"
+
+    def tensor(self, index: int) -> torch.Tensor:
+        """Item ``index`` as a uint8 ``(3, H, W)`` tensor; subclasses change what is loaded and how."""
+        return to_uint8_tensor(self.source.load_image(index), self.spec)
+
+
+def collate_images(items: list[tuple[int, torch.Tensor | None, str | None]]
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+    """Stack the good rows; return ``(indices, uint8 batch (M,3,H,W), [(index, message)])``.
+
+    A batch of only bad images gives indices of length 0 and a ``(0, 3, 0, 0)`` batch.
+    """
+    good = [(i, t) for i, t, _ in items if t is not None]
+    failures = [(int(i), str(msg)) for i, t, msg in items if t is None]
+    indices = torch.tensor([i for i, _ in good], dtype=torch.long)
+    if not good:
+        return indices, torch.empty((0, 3, 0, 0), dtype=torch.uint8), failures
+    # Stack as (M, H, W, 3) and view as (M, 3, H, W): the batch is channels_last in memory, the
+    # layout the model runs in, so no reordering copy is needed later.
+    batch = torch.stack([t.permute(1, 2, 0) for _, t in good]).permute(0, 3, 1, 2)
+    return indices, batch, failures
+
+
+def image_loader(dataset: torch.utils.data.Dataset, batches: Sequence[Sequence[int]], *, workers: int,
+                 device: torch.device) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding ``collate_images`` batches of exactly ``batches``, in order."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=[list(b) for b in batches], num_workers=workers, collate_fn=collate_images,
+        pin_memory=device.type == "cuda", prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
+
+
+def model_input(images: torch.Tensor, device: torch.device, preprocess: PreprocessSpec) -> torch.Tensor:
+    """uint8 batch -> normalised float on ``device``, channels-last (the layout the model runs in)."""
+    x = normalize_batch(images.to(device, non_blocking=True), preprocess)
+    if device.type in ("cpu", "cuda"):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()
+
+
+def row_batches(attempted: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Index ranges ``[k*B, (k+1)*B)`` minus attempted rows; whole-batch commits keep a resumed
+    run's batches identical to an uninterrupted run's."""
+    out = []
+    n = len(attempted)
+    for start in range(0, n, batch_size):
+        rows = [i for i in range(start, min(n, start + batch_size)) if not attempted[i]]
+        if rows:
+            out.append(rows)
+    return out
+
+
+def inference_module(bb: Backbone, device: torch.device) -> torch.nn.Module:
+    """The backbone's module ready for inference on ``device``: BatchNorm folded, channels-last."""
+    model = fold_batchnorms(bb.module, input_size=bb.preprocess.crop_size).to(device)
+    if device.type in ("cpu", "cuda"):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def run_batches(module: torch.nn.Module, dataset: ImageDataset, batches: Sequence[Sequence[int]], *,
+                device: torch.device, precision: str, workers: int) -> Iterator[Batch]:
+    """Yield one :class:`Batch` per entry of ``batches`` (row indices of ``dataset``), in order.
+
+    Args:
+        module: a module on ``device`` mapping normalised ``(N, 3, H, W)`` to ``(N, D)``.
+        dataset: decodes rows (its ``spec`` is the preprocessing applied).
+        batches: the rows of each batch.
+        device: where the module runs.
+        precision: a resolved precision (``fp32``, ``bf16``, ``fp16``).
+        workers: DataLoader decoding processes (0 = decode in this process).
+    """
+    if not batches:
+        return
+    loader = image_loader(dataset, batches, workers=workers, device=device)
+    with torch.inference_mode(), autocast(device, precision):
+        for indices, images, failures in loader:
+            if len(indices) == 0:
+                yield Batch(indices.numpy(), None, failures)
+                continue
+            outputs = module(model_input(images, device, dataset.spec)).float()
+            yield Batch(indices.numpy(), outputs.cpu().numpy(), failures)
+
+
+def compute_features(bb: Backbone, source: ImageSource, *, batch_size: int = 64, workers: int = 0,
+                     device: str = "auto", precision: str = "auto",
+                     progress: Callable[[Progress], None] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """Features of every image of ``source`` in memory, without the cache (used by predict).
+
+    Returns:
+        ``(rows, features (len(rows), D) float32, failures [(row, message)])``.
+    """
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    batches = row_batches(np.zeros(len(source), dtype=bool), batch_size)
+    rows, feats, failures = [], [], []
+    started = time.perf_counter()
+    dataset = ImageDataset(source, bb.preprocess)
+    for batch in run_batches(inference_module(bb, dev), dataset, batches, device=dev, precision=prec,
+                             workers=workers):
+        failures.extend(batch.failures)
+        if batch.outputs is not None:
+            rows.append(batch.rows)
+            feats.append(batch.outputs)
+        if progress is not None:
+            done = sum(len(r) for r in rows) + len(failures)
+            elapsed = time.perf_counter() - started
+            progress(Progress(done, len(source), len(failures), done / elapsed if elapsed else 0.0))
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros((0, bb.dim), np.float32), failures
+    return np.concatenate(rows), np.concatenate(feats), failures
+

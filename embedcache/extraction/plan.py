@@ -1,0 +1,184 @@
+"""Planning an extraction: everything that defines a cache entry, resolved before any model runs.
+
+:func:`plan_extraction` opens the source, resolves the backbone's identity (remembered in the
+cache directory, so a cache hit neither builds the model nor hashes its weights), the device and
+precision, and from them the cache key and the entry's paths, as a frozen
+:class:`ExtractionPlan`. :func:`build_backbone` builds the model when rows must be computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from embedcache.errors import ConfigError
+from embedcache.models.backbone import Backbone, BackboneSpec
+from embedcache.models.catalog import backbone_identity, get_backbone
+from embedcache.runtime import resolve_device, resolve_precision
+from embedcache.sources.base import ImageSource
+from embedcache.sources.decode import DECODER_VERSION
+from embedcache.sources.open import open_source
+from embedcache.store.fingerprint import (
+    cache_key,
+    config_key,
+    library_versions,
+    sha256_json,
+    software_versions,
+)
+from embedcache.store.memo import MEMO_NAME, JsonMemo
+from embedcache.store.schema import STORE_DTYPES, default_cache_dir, entry_paths
+
+
+@dataclass(frozen=True)
+class BackboneRequest:
+    """The backbone as asked for (the arguments of :func:`~embedcache.models.catalog.get_backbone`)."""
+
+    name: str
+    weights: str | None = None
+    weights_path: str | None = None
+    layer: str | None = None
+    pool: str = "avg"
+    image_size: int | None = None
+
+    def build(self) -> Backbone:
+        return get_backbone(self.name, weights=self.weights, weights_path=self.weights_path, layer=self.layer,
+                            pool=self.pool, image_size=self.image_size)
+
+
+@dataclass(frozen=True)
+class ExtractionPlan:
+    """What one extraction will produce and where (no model has run).
+
+    Attributes:
+        source: the image source, splits assigned.
+        backbone: the backbone's identity (from memory, or from building it once).
+        request: how to build the backbone, or None when a built one was given (``built``).
+        device, precision: where and how the model runs (resolved).
+        store_dtype: the on-disk dtype of the features.
+        config_key: the key without the data (entries sharing it hold interchangeable rows).
+        manifest_sha256: the data's identity.
+        cache_key: the entry's key; ``final_path``/``partial_path`` its files.
+    """
+
+    source: ImageSource
+    backbone: BackboneSpec
+    request: BackboneRequest | None
+    built: Backbone | None
+    device: torch.device
+    precision: str
+    store_dtype: str
+    config_key: str
+    manifest_sha256: str
+    cache_key: str
+    cache_dir: Path
+    final_path: Path
+    partial_path: Path
+
+    def entry_attrs(self) -> dict[str, Any]:
+        """Root attributes written to the entry (besides the writer's own)."""
+        source = self.source
+        return {
+            "name": f"{self.backbone.name}-{Path(source.root).name or source.kind}",
+            "config_key": self.config_key,
+            "backbone": self.backbone.to_dict(),
+            "preprocess": self.backbone.preprocess.to_dict(),
+            "precision": self.precision,
+            "decoder_version": DECODER_VERSION,
+            "versions": {**software_versions(), "key_libraries": library_versions()},
+            "manifest_sha256": self.manifest_sha256,
+            "source": source.to_dict(),
+            "class_names": list(source.class_names),
+        }
+
+
+def _memo(cache_dir: Path) -> JsonMemo:
+    return JsonMemo(cache_dir / MEMO_NAME)
+
+
+def _backbone_spec(request: BackboneRequest, cache_dir: Path) -> tuple[BackboneSpec, Backbone | None]:
+    """The identity of the requested backbone: remembered, or learnt by building it (then kept)."""
+    identity = backbone_identity(request.name, weights=request.weights, weights_path=request.weights_path,
+                                 layer=request.layer, pool=request.pool, image_size=request.image_size)
+    memo_key = None if identity is None else sha256_json(identity)
+    if memo_key is not None:
+        remembered = _memo(cache_dir).get(memo_key)
+        if isinstance(remembered, dict):
+            try:
+                return BackboneSpec.from_memo(remembered), None
+            except (KeyError, TypeError, ValueError, ConfigError):
+                pass  # a foreign or damaged memo entry: rebuild and overwrite it
+    built = request.build()
+    if memo_key is not None:
+        _memo(cache_dir).put(memo_key, built.identity().to_memo())
+    return built.identity(), built
+
+
+def plan_extraction(
+    data: str | os.PathLike | ImageSource,
+    *,
+    backbone: str | Backbone = "efficientnet_lite0",
+    weights: str | None = None,
+    weights_path: str | os.PathLike | None = None,
+    layer: str | None = None,
+    pool: str = "avg",
+    image_size: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    store_dtype: str = "float16",
+    cache_dir: str | os.PathLike | None = None,
+    unlabelled: bool | None = None,
+    val_fraction: float = 0.0,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+) -> ExtractionPlan:
+    """Resolve everything that defines an entry (no model run); arguments as for
+    :func:`~embedcache.extraction.extract.extract`."""
+    if store_dtype not in STORE_DTYPES:
+        raise ConfigError(f"The 'store_dtype' parameter must be one of {list(STORE_DTYPES)}. Got {store_dtype!r}.")
+    source = data if isinstance(data, ImageSource) else open_source(
+        data, unlabelled=unlabelled, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed)
+    if len(source) == 0:
+        raise ConfigError(f"The data source {source.description!r} holds no images.")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if isinstance(backbone, Backbone):
+        request, built, spec = None, backbone, backbone.identity()
+    else:
+        request = BackboneRequest(backbone, weights, None if weights_path is None else str(weights_path),
+                                  layer, pool, image_size)
+        spec, built = _backbone_spec(request, cache_dir)
+    dev = resolve_device(device)
+    return _keyed_plan(source, spec, request, built, dev, resolve_precision(precision, dev), store_dtype, cache_dir)
+
+
+def _keyed_plan(source: ImageSource, spec: BackboneSpec, request: BackboneRequest | None, built: Backbone | None,
+                device: torch.device, precision: str, store_dtype: str, cache_dir: Path) -> ExtractionPlan:
+    cfg_key = config_key(backbone={k: v for k, v in spec.to_dict().items() if k != "dim"},
+                         preprocess=spec.preprocess.to_dict(), precision=precision, store_dtype=store_dtype,
+                         decoder_version=DECODER_VERSION)
+    manifest = source.manifest_sha256()
+    key = cache_key(config=cfg_key, manifest_sha256=manifest)
+    final, partial, _ = entry_paths(cache_dir, key)
+    return ExtractionPlan(source, spec, request, built, device, precision, store_dtype, cfg_key, manifest, key,
+                          cache_dir, final, partial)
+
+
+def build_backbone(plan: ExtractionPlan) -> tuple[Backbone, ExtractionPlan]:
+    """The plan's backbone, built; and the plan, re-keyed in the rare case that the remembered
+    identity no longer matches the built model (the memo is then corrected)."""
+    if plan.built is not None:
+        return plan.built, plan
+    bb = plan.request.build()
+    if bb.identity() == plan.backbone:
+        return bb, dataclasses.replace(plan, built=bb)
+    memo_identity = backbone_identity(plan.request.name, weights=plan.request.weights,
+                                      weights_path=plan.request.weights_path, layer=plan.request.layer,
+                                      pool=plan.request.pool, image_size=plan.request.image_size)
+    if memo_identity is not None:
+        _memo(plan.cache_dir).put(sha256_json(memo_identity), bb.identity().to_memo())
+    return bb, _keyed_plan(plan.source, bb.identity(), plan.request, bb, plan.device, plan.precision,
+                           plan.store_dtype, plan.cache_dir)

@@ -1,0 +1,16 @@
+"""Backbones: a name becomes a frozen, truncated feature extractor with its preprocessing.
+
+- :mod:`~embedcache.models.backbone`: the types (:class:`BackboneParts` a factory returns,
+  :class:`Backbone` ready for extraction, :class:`BackboneInfo` for listings).
+- :mod:`~embedcache.models.registry`: the registry (:func:`register_backbone`).
+- :mod:`~embedcache.models.builtins`: the built-ins (``pixels``, EfficientNet-Lite, torchvision,
+  timm), registered like plugins.
+- :mod:`~embedcache.models.catalog`: name resolution, :func:`get_backbone`, :func:`list_backbones`.
+- :mod:`~embedcache.models.truncate`, :mod:`~embedcache.models.pooling`: cutting the classifier
+  or reading an intermediate node, pooled.
+- :mod:`~embedcache.models.weights`: reading state dicts safely, hashing weights.
+- :mod:`~embedcache.models.fuse`: folding BatchNorm for inference.
+- :mod:`~embedcache.models.preprocess`: preprocessing as plain data, and applying it.
+- :mod:`~embedcache.models.efficientnet_lite`, :mod:`~embedcache.models.lite_weights`: the
+  offline pretrained default, EfficientNet-Lite, and its weights.
+"""

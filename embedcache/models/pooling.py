@@ -1,0 +1,46 @@
+"""Pooling an intermediate output to ``(N, D)`` features.
+
+:data:`POOLS` is the one definition of the pooling choices; torch is imported by
+:func:`pool_features` itself, so the CLI can offer the choices without loading torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from embedcache.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+POOLS = ("avg", "max", "avgmax", "cls")
+
+
+def pool_features(out: torch.Tensor, pool: str) -> torch.Tensor:
+    """Pool an intermediate output: ``(N,C,H,W)`` spatially, ``(N,T,C)`` over tokens.
+
+    Args:
+        out: the node's output; a 2-D output is returned unchanged.
+        pool: one of :data:`POOLS`; ``cls`` takes the first token of a sequence.
+    """
+    import torch
+
+    if out.ndim == 2:
+        return out
+    if out.ndim == 4:
+        if pool == "cls":
+            raise ConfigError("pool='cls' needs a token sequence (N, T, C); this node is (N, C, H, W).")
+        avg = out.mean(dim=(2, 3))
+        mx = out.amax(dim=(2, 3))
+    elif out.ndim == 3:
+        if pool == "cls":
+            return out[:, 0]
+        avg = out.mean(dim=1)
+        mx = out.amax(dim=1)
+    else:
+        raise ConfigError(f"Cannot pool an output of shape {tuple(out.shape)}; pick another layer.")
+    if pool == "avg":
+        return avg
+    if pool == "max":
+        return mx
+    return torch.cat([avg, mx], dim=1)

@@ -1,0 +1,123 @@
+"""A source is an ordered list of :class:`Sample` rows plus a way to decode row ``i``.
+
+The manifest hash (:meth:`ImageSource.manifest_sha256`) uses only root-relative paths, so a data set
+moved to another directory is still the same cache entry; any change of a file's size, mtime, label
+or split gives a new hash.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from embedcache.sources.decode import decode_image
+from embedcache.splits import SPLIT_NAMES, Split
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a source.
+
+    Attributes:
+        path: POSIX path relative to the source root; a synthetic id ``"train/000123"`` for arrays.
+        label: class index into ``class_names``; -1 = unlabelled.
+        split: a :class:`~embedcache.splits.Split` code.
+        size: file size in bytes (0 when there is no file).
+        mtime_ns: file modification time in ns (0 when there is no file).
+    """
+
+    path: str
+    label: int
+    split: int
+    size: int = 0
+    mtime_ns: int = 0
+
+
+def describe_source(kind: str, where: str, class_names: list[str], n: int) -> str:
+    """A one-line description such as ``folder /data/flowers (3 classes, 1200 images)``."""
+    classes = f"{len(class_names)} classes, " if class_names else ""
+    return f"{kind} {where} ({classes}{n} images)".replace("  ", " ")
+
+
+class ImageSource(abc.ABC):
+    """An ordered list of samples and a way to decode each one.
+
+    Attributes:
+        kind: ``folder``, ``csv``, ``files``, ``arrays`` or ``torchvision``.
+        root: absolute path of the source root (``""`` when there is none).
+        description: human readable, e.g. ``folder /data/flowers (3 classes, 1200 images)``.
+        samples: the rows, in a deterministic order (sorted by path for files).
+        class_names: label ``i`` is ``class_names[i]``.
+    """
+
+    kind = ""
+
+    def __init__(self, *, root: str, samples: list[Sample], class_names: list[str],
+                 description: str = "") -> None:
+        self.root = root
+        self.samples = samples
+        self.class_names = list(class_names)
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.description}>"
+
+    @abc.abstractmethod
+    def load_image(self, index: int) -> Image.Image:
+        """Decode sample ``index`` as an RGB image; raises DecodeError with a short reason."""
+
+    def split_counts(self) -> dict[str, int]:
+        """Number of samples per split name (only splits that occur)."""
+        counts = np.bincount([s.split for s in self.samples], minlength=len(SPLIT_NAMES))
+        return {SPLIT_NAMES[code]: int(n) for code, n in enumerate(counts) if n}
+
+    def manifest_sha256(self) -> str:
+        """sha256 of canonical JSON: sorted (path, size, mtime_ns, label, split), class names and
+        kind-specific content (:meth:`manifest_extra`); never the root location."""
+        rows = sorted([s.path, s.size, s.mtime_ns, s.label, s.split] for s in self.samples)
+        payload = {"samples": rows, "class_names": self.class_names, **self.manifest_extra()}
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def manifest_extra(self) -> dict[str, Any]:
+        """What identifies the content beyond the samples (array bytes, file listings); {} here."""
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary: kind, root, description, n, class_names, split counts."""
+        return {"kind": self.kind, "root": self.root, "description": self.description,
+                "n": len(self), "class_names": list(self.class_names),
+                "splits": self.split_counts()}
+
+    def assign_splits(self, splits: np.ndarray) -> None:
+        """Replace every sample's split (used by the seeded hold-out); paths stay stable."""
+        self.samples = [dataclasses.replace(s, split=int(c)) for s, c in zip(self.samples, splits, strict=True)]
+
+    def drop_labels(self) -> None:
+        """Make every sample unlabelled and unsplit (predict / extract-only)."""
+        self.samples = [dataclasses.replace(s, label=-1, split=Split.UNSPLIT) for s in self.samples]
+        self.class_names = []
+
+
+class FileSource(ImageSource):
+    """Images stored as files under ``root`` (folder, CSV and file-list sources)."""
+
+    def __init__(self, *, kind: str, root: str, samples: list[Sample], class_names: list[str],
+                 description: str) -> None:
+        super().__init__(root=root, samples=samples, class_names=class_names,
+                         description=description)
+        self.kind = kind
+
+    def load_image(self, index: int) -> Image.Image:
+        return decode_image(os.path.join(self.root, *self.samples[index].path.split("/")))

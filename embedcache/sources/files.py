@@ -1,0 +1,189 @@
+"""Images stored as files: class folders (optionally under split folders) and CSV manifests.
+
+Folders are read as ``ROOT/<class>/...``, ``ROOT/{train,val,test}/<class>/...`` or, unlabelled,
+any images under ROOT. CSV manifests list ``path,label[,split]`` relative to the CSV's folder;
+absolute paths, ``..`` and symlinks out of that folder are refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import posixpath
+from pathlib import Path
+
+from embedcache.errors import DataSourceError
+from embedcache.sources.base import FileSource, Sample, describe_source
+from embedcache.splits import SPLIT_ALIASES, Split
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+_IGNORED_NAMES = frozenset({"__MACOSX"})
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name in _IGNORED_NAMES
+
+
+def _is_image_name(name: str) -> bool:
+    return not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk_images(top: str) -> list[str]:
+    """Absolute paths of image files under ``top``, recursively, hidden entries skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+        found.extend(os.path.join(dirpath, f) for f in filenames if _is_image_name(f))
+    return found
+
+
+def _file_sample(root: str, path: str, label: int, split: int) -> Sample:
+    stat = os.stat(path)
+    rel = Path(os.path.relpath(path, root)).as_posix()
+    return Sample(rel, label, int(split), stat.st_size, stat.st_mtime_ns)
+
+
+def scan_folder(root: str | os.PathLike, *, unlabelled: bool | None = None) -> FileSource:
+    """Read an image folder: ``ROOT/<class>/...``, ``ROOT/<split>/<class>/...`` or unlabelled.
+
+    Args:
+        root: the folder.
+        unlabelled: True reads every image under ROOT with label -1; None detects it (image
+            files directly in ROOT and no class folders); False requires class folders.
+    """
+    root = os.path.abspath(os.fspath(root))
+    if not os.path.isdir(root):
+        raise DataSourceError(f"Image folder {root!r} does not exist or is not a directory.")
+    with os.scandir(root) as entries:
+        entries = [e for e in entries if not _is_hidden(e.name)]
+    dirs = sorted(e.name for e in entries if e.is_dir())
+    top_images = [e.name for e in entries if e.is_file() and _is_image_name(e.name)]
+    split_dirs = [d for d in dirs if d.lower() in SPLIT_ALIASES]
+    if unlabelled is None:
+        unlabelled = bool(top_images) and not dirs
+    if unlabelled:
+        files = sorted(_walk_images(root))
+        samples = sorted((_file_sample(root, f, -1, Split.UNSPLIT) for f in files),
+                         key=lambda s: s.path)
+        _require_images(samples, root)
+        return FileSource(kind="folder", root=root, samples=samples, class_names=[],
+                          description=describe_source("unlabelled folder", root, [], len(samples)))
+    if top_images:
+        raise DataSourceError(
+            f"Image folder {root!r} has image files at the top level ({top_images[0]!r}, ...) "
+            f"{'and class folders ' + repr(dirs[:3]) if dirs else 'but no class folders'}. "
+            f"Pass unlabelled=True (--unlabelled) to read every image without labels, or move "
+            f"the images into ROOT/<class>/."
+        )
+    if split_dirs and len(split_dirs) != len(dirs):
+        others = [d for d in dirs if d not in split_dirs]
+        raise DataSourceError(
+            f"Image folder {root!r} mixes split folders {split_dirs} with other folders "
+            f"{others[:5]}. Use either ROOT/<class>/... or ROOT/{{train,val,test}}/<class>/...."
+        )
+    groups = [(os.path.join(root, d), SPLIT_ALIASES[d.lower()]) for d in split_dirs] or [
+        (root, Split.UNSPLIT)
+    ]
+    found: list[tuple[str, str, int]] = []  # (file, class, split)
+    for parent, split in groups:
+        with os.scandir(parent) as entries:
+            class_dirs = [e.name for e in entries if e.is_dir() and not _is_hidden(e.name)]
+        for name in class_dirs:
+            found.extend((f, name, split) for f in _walk_images(os.path.join(parent, name)))
+    class_names = sorted({name for _, name, _ in found})
+    index = {name: i for i, name in enumerate(class_names)}
+    samples = sorted((_file_sample(root, f, index[c], s) for f, c, s in found),
+                     key=lambda s: s.path)
+    _require_images(samples, root)
+    return FileSource(kind="folder", root=root, samples=samples, class_names=class_names,
+                      description=describe_source("folder", root, class_names, len(samples)))
+
+
+def _require_images(samples: list[Sample], where: str) -> None:
+    if not samples:
+        raise DataSourceError(
+            f"No image files found under {where!r} (extensions: "
+            f"{', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}; hidden files are skipped)."
+        )
+
+
+def read_csv_manifest(csv_path: str | os.PathLike) -> FileSource:
+    """Read a CSV manifest with header ``path,label[,split]``; paths relative to the CSV's folder.
+
+    Rows are numbered like a spreadsheet (the header is row 1). Absolute paths, ``..`` components
+    and symlinks resolving outside the CSV's folder are refused. An empty label means unlabelled;
+    when some rows have a split and others not, the others go to train.
+    """
+    csv_path = os.path.abspath(os.fspath(csv_path))
+    root = os.path.dirname(csv_path)
+    real_root = os.path.realpath(root)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataSourceError(f"Cannot read CSV manifest {csv_path!r}: {exc}") from None
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    if "path" not in header:
+        raise DataSourceError(
+            f"CSV manifest {csv_path!r} must start with a header row naming the columns "
+            f"path,label[,split]. Got {rows[0] if rows else 'an empty file'!r}."
+        )
+    col = {name: header.index(name) for name in ("path", "label", "split") if name in header}
+    entries: list[tuple[int, str, str, str]] = []  # (row number, path, label, split)
+    for number, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        cells = {k: (row[i].strip() if i < len(row) else "") for k, i in col.items()}
+        entries.append((number, cells["path"], cells.get("label", ""), cells.get("split", "")))
+    has_split = any(split for _, _, _, split in entries)
+    class_names = sorted({label for _, _, label, _ in entries if label})
+    index = {name: i for i, name in enumerate(class_names)}
+    samples, seen = [], {}
+    for number, raw, label, split_text in entries:
+        where = f"CSV manifest {csv_path!r} row {number}"
+        rel = _safe_relative(raw, root, real_root, where)
+        if rel in seen:
+            raise DataSourceError(f"{where}: {rel!r} is already listed in row {seen[rel]}.")
+        seen[rel] = number
+        if split_text and split_text.lower() not in SPLIT_ALIASES:
+            raise DataSourceError(
+                f"{where}: split must be one of {sorted(SPLIT_ALIASES)} or empty. "
+                f"Got {split_text!r}."
+            )
+        split = SPLIT_ALIASES[split_text.lower()] if split_text else (
+            Split.TRAIN if has_split else Split.UNSPLIT)
+        full = os.path.join(root, *rel.split("/"))
+        if not os.path.isfile(full):
+            raise DataSourceError(f"{where}: file {rel!r} does not exist (looked at {full!r}).")
+        samples.append(_file_sample(root, full, index[label] if label else -1, split))
+    samples.sort(key=lambda s: s.path)
+    _require_images(samples, csv_path)
+    return FileSource(kind="csv", root=root, samples=samples, class_names=class_names,
+                      description=describe_source("csv", csv_path, class_names, len(samples)))
+
+
+def _safe_relative(raw: str, root: str, real_root: str, where: str) -> str:
+    if not raw:
+        raise DataSourceError(f"{where}: the path is empty.")
+    posix = raw.replace("\\", "/")
+    if posix.startswith("/") or os.path.isabs(raw) or (len(raw) > 1 and raw[1] == ":"):
+        raise DataSourceError(
+            f"{where}: absolute path {raw!r} refused; paths must be relative to the CSV's folder."
+        )
+    if ".." in posix.split("/"):
+        raise DataSourceError(f"{where}: path {raw!r} contains '..'; escapes are refused.")
+    rel = posixpath.normpath(posix)
+    real = os.path.realpath(os.path.join(root, *rel.split("/")))
+    if os.path.commonpath([real, real_root]) != real_root:
+        raise DataSourceError(
+            f"{where}: path {raw!r} resolves outside the CSV's folder (symlink to {real!r}); "
+            f"refused."
+        )
+    return rel
+
+
+# --------------------------------------------------------------------------------------------
+# Opening a source and assigning splits
+
+

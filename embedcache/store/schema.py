@@ -1,0 +1,50 @@
+"""The entry layout's names and constants (docs/schema.md).
+
+An entry is ``<cache_dir>/<key16>.h5``; while it is being written, ``<key16>.h5.partial`` with a
+``<key16>.h5.lock`` beside it. Plain constants only (no h5py, no numpy), so the CLI can offer
+its choices without importing them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FORMAT_NAME = "embedcache"
+#: Bump when the HDF5 layout or the meaning of a stored value changes (it is part of the key).
+FORMAT_VERSION = 1
+SUFFIX = ".h5"
+PARTIAL_SUFFIX = ".h5.partial"
+LOCK_SUFFIX = ".h5.lock"
+#: On-disk dtypes of ``/features`` (the one definition; ``--store-dtype`` offers these).
+STORE_DTYPES = ("float16", "float32")
+#: Rows per HDF5 chunk of /features: reading a few rows touches little, scanning stays fast.
+ROWS_PER_CHUNK = 256
+#: Root attributes stored as JSON strings.
+JSON_ATTRS = ("class_names", "backbone", "preprocess", "versions", "source", "split_mapping")
+ALLOWED_FILTERS = (None, "gzip", "lzf")
+#: Environment variable naming the default cache directory.
+CACHE_DIR_ENV = "EMBEDCACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """``$EMBEDCACHE_DIR``, else ``./cache``."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or "cache")
+
+
+def entry_paths(cache_dir: str | os.PathLike, cache_key: str) -> tuple[Path, Path, Path]:
+    """(final, partial, lock) paths of the entry for ``cache_key``."""
+    base = Path(cache_dir) / cache_key[:16]
+    return (
+        base.with_name(base.name + SUFFIX),
+        base.with_name(base.name + PARTIAL_SUFFIX),
+        base.with_name(base.name + LOCK_SUFFIX),
+    )
+
+
+def entry_stem(path: Path) -> str | None:
+    """The ``<key16>`` of an entry, partial or lock file name; None for other names."""
+    for suffix in (PARTIAL_SUFFIX, LOCK_SUFFIX, SUFFIX):
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return None

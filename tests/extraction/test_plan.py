@@ -1,0 +1,99 @@
+"""Planning: the backbone's identity is remembered in the cache dir, so a cache hit builds no
+model and hashes no weights; the memo can never make a key dishonest."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tests.tiny_backbone  # noqa: F401 - registers the tiny backbone
+from embedcache.extraction import extract as extract_module
+from embedcache.extraction import plan as plan_module
+from embedcache.extraction.extract import extract
+from embedcache.extraction.plan import plan_extraction
+from embedcache.models.catalog import get_backbone
+from embedcache.store.memo import MEMO_NAME
+from tests.tiny_backbone import TINY, TinyNet, make_image_folder
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_image_folder(tmp_path / "data", per_class=4)
+
+
+def _forbid_building(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the backbone was built")
+
+    monkeypatch.setattr(plan_module, "get_backbone", boom)
+    monkeypatch.setattr(extract_module, "run_batches", boom)
+
+
+def test_a_cache_hit_builds_no_model(folder, tmp_path, monkeypatch):
+    first = extract(folder, backbone=TINY, workers=0, cache_dir=tmp_path / "c")
+    assert (tmp_path / "c" / MEMO_NAME).is_file()
+    _forbid_building(monkeypatch)
+    again = extract(folder, backbone=TINY, workers=0, cache_dir=tmp_path / "c")
+    assert again.cache_hit and again.cache_key == first.cache_key
+
+
+def test_the_remembered_identity_equals_the_built_one(folder, tmp_path):
+    plan = plan_extraction(folder, backbone=TINY, cache_dir=tmp_path / "c")  # builds and remembers
+    remembered = plan_extraction(folder, backbone=TINY, cache_dir=tmp_path / "c")
+    assert plan.built is not None and remembered.built is None
+    assert remembered.backbone == plan.backbone == get_backbone(TINY).identity()
+    assert remembered.cache_key == plan.cache_key
+
+
+def test_a_changed_weights_file_is_hashed_again(folder, tmp_path, monkeypatch):
+    weights = tmp_path / "w.safetensors"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        save_file(TinyNet().state_dict(), str(weights))
+    first = plan_extraction(folder, backbone=TINY, weights_path=weights, cache_dir=tmp_path / "c")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(6)
+        save_file(TinyNet().state_dict(), str(weights))  # same size, new content and mtime
+    os.utime(weights, ns=(os.stat(weights).st_atime_ns, os.stat(weights).st_mtime_ns + 10**9))
+    second = plan_extraction(folder, backbone=TINY, weights_path=weights, cache_dir=tmp_path / "c")
+    assert second.built is not None  # not served from the memo
+    assert second.backbone.weights_sha256 != first.backbone.weights_sha256
+    assert second.cache_key != first.cache_key
+
+
+def test_a_stale_memo_is_corrected_before_anything_is_written(folder, tmp_path):
+    cache = tmp_path / "c"
+    true_key = extract(folder, backbone=TINY, workers=0, cache_dir=cache).cache_key
+    memo = cache / MEMO_NAME
+    data = json.loads(memo.read_text())
+    for value in data.values():
+        value["weights_sha256"] = "0" * 64  # as if the weights had changed behind the memo's back
+    memo.write_text(json.dumps(data))
+    for entry in cache.glob("*.h5"):
+        entry.unlink()
+    store = extract(folder, backbone=TINY, workers=0, cache_dir=cache)
+    assert store.cache_key == true_key and store.backbone["weights_sha256"] != "0" * 64
+    assert "0" * 64 not in memo.read_text()
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", json.dumps({"x": {"name": 1}})])
+def test_a_damaged_memo_is_ignored(folder, tmp_path, content):
+    cache = tmp_path / "c"
+    cache.mkdir()
+    (cache / MEMO_NAME).write_text(content)
+    plan = plan_extraction(folder, backbone=TINY, cache_dir=cache)
+    assert plan.backbone == get_backbone(TINY).identity()
+
+
+def test_backbones_of_unknown_provenance_are_always_built(folder, tmp_path, monkeypatch):
+    from embedcache.models import catalog
+
+    monkeypatch.setattr(plan_module, "backbone_identity", lambda *a, **k: None)  # e.g. a plugin
+    plan_extraction(folder, backbone=TINY, cache_dir=tmp_path / "c")
+    again = plan_extraction(folder, backbone=TINY, cache_dir=tmp_path / "c")
+    assert again.built is not None and not (tmp_path / "c" / MEMO_NAME).exists()
+    assert catalog.backbone_identity("tests.tiny_backbone:tiny_factory") is None

@@ -1,0 +1,13 @@
+"""Both probes pass scikit-learn's own estimator checks."""
+
+from __future__ import annotations
+
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from embedcache.heads.sklearn_probe import SklearnProbe
+from embedcache.heads.torch_probe import TorchLinearProbe
+
+
+@parametrize_with_checks([TorchLinearProbe(), SklearnProbe()])
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
