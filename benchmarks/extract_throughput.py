@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 import embedcache
-from embedcache.models.catalog import get_backbone
+from embedcache.models.build import get_backbone
 from embedcache.models.fuse import fold_batchnorms
 from embedcache.models.preprocess import normalize_batch, to_uint8_tensor
 from embedcache.runtime import default_workers, resolve_device, resolve_precision

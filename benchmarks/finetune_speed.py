@@ -19,7 +19,7 @@ import time
 import torch
 from torch import nn
 
-from embedcache.models.catalog import get_backbone
+from embedcache.models.build import get_backbone
 
 
 def steps_per_second(backbone: str, size: int, batch: int, precision: str, channels_last: bool,

@@ -28,7 +28,7 @@ _API = {
     "Backbone": "embedcache.models.backbone",
     "BackboneParts": "embedcache.models.backbone",
     "BackboneSpec": "embedcache.models.backbone",
-    "get_backbone": "embedcache.models.catalog",
+    "get_backbone": "embedcache.models.build",
     "list_backbones": "embedcache.models.catalog",
     "register_backbone": "embedcache.models.registry",
     "PreprocessSpec": "embedcache.models.preprocess",

@@ -19,7 +19,7 @@ REPO = PACKAGE.parent
 #: one layer never import each other. (A unit is a top-level module or a subpackage.)
 LAYERS = [
     ("errors",),
-    ("runtime", "splits"),
+    ("runtime", "splits", "fileio"),
     ("sources", "models", "heads", "store"),
     ("extraction",),
     ("experiments",),

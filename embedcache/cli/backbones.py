@@ -23,7 +23,8 @@ def backbones_command(name: str | None, nodes: bool, as_json: bool) -> None:
     offline = the default weights are on this machine (no download needed).
     dim "?" = not computable without building the model; `embedcache backbones NAME` shows it.
     """
-    from embedcache.models.catalog import get_backbone, graph_nodes, list_backbones
+    from embedcache.models.build import get_backbone, graph_nodes
+    from embedcache.models.catalog import list_backbones
 
     if name and nodes:
         for node in graph_nodes(name):

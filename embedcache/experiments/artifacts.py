@@ -26,7 +26,7 @@ import numpy as np
 from embedcache.errors import ConfigError, WeightsError
 from embedcache.experiments.reports import save_confusion_png
 from embedcache.heads.torch_probe import TorchLinearProbe
-from embedcache.models.catalog import get_backbone
+from embedcache.models.build import get_backbone
 from embedcache.models.preprocess import PreprocessSpec
 from embedcache.store.fingerprint import software_versions
 

@@ -4,6 +4,9 @@
 cache directory, so a cache hit neither builds the model nor hashes its weights), the device and
 precision, and from them the cache key and the entry's paths, as a frozen
 :class:`ExtractionPlan`. :func:`build_backbone` builds the model when rows must be computed.
+
+Planning a registered backbone (EfficientNet-Lite, ``pixels``, your own) imports no torch: on a
+CPU-only machine a cache hit then costs the scan, the manifest hash and reading the entry.
 """
 
 from __future__ import annotations
@@ -14,12 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from embedcache.errors import ConfigError
 from embedcache.models.backbone import Backbone, BackboneSpec
-from embedcache.models.catalog import backbone_identity, get_backbone
-from embedcache.runtime import resolve_device, resolve_precision
+from embedcache.models.catalog import backbone_identity
+from embedcache.runtime import resolve_device_type, resolve_precision
 from embedcache.sources.base import ImageSource
 from embedcache.sources.decode import DECODER_VERSION
 from embedcache.sources.open import open_source
@@ -46,6 +47,8 @@ class BackboneRequest:
     image_size: int | None = None
 
     def build(self) -> Backbone:
+        from embedcache.models.build import get_backbone  # torch: only when a model is needed
+
         return get_backbone(self.name, weights=self.weights, weights_path=self.weights_path, layer=self.layer,
                             pool=self.pool, image_size=self.image_size)
 
@@ -58,7 +61,7 @@ class ExtractionPlan:
         source: the image source, splits assigned.
         backbone: the backbone's identity (from memory, or from building it once).
         request: how to build the backbone, or None when a built one was given (``built``).
-        device, precision: where and how the model runs (resolved).
+        device, precision: where and how the model runs (resolved: ``cpu``/``cuda``/``mps``).
         store_dtype: the on-disk dtype of the features.
         config_key: the key without the data (entries sharing it hold interchangeable rows).
         manifest_sha256: the data's identity.
@@ -69,7 +72,7 @@ class ExtractionPlan:
     backbone: BackboneSpec
     request: BackboneRequest | None
     built: Backbone | None
-    device: torch.device
+    device: str
     precision: str
     store_dtype: str
     config_key: str
@@ -151,12 +154,12 @@ def plan_extraction(
         request = BackboneRequest(backbone, weights, None if weights_path is None else str(weights_path),
                                   layer, pool, image_size)
         spec, built = _backbone_spec(request, cache_dir)
-    dev = resolve_device(device)
+    dev = resolve_device_type(device)
     return _keyed_plan(source, spec, request, built, dev, resolve_precision(precision, dev), store_dtype, cache_dir)
 
 
 def _keyed_plan(source: ImageSource, spec: BackboneSpec, request: BackboneRequest | None, built: Backbone | None,
-                device: torch.device, precision: str, store_dtype: str, cache_dir: Path) -> ExtractionPlan:
+                device: str, precision: str, store_dtype: str, cache_dir: Path) -> ExtractionPlan:
     cfg_key = config_key(backbone={k: v for k, v in spec.to_dict().items() if k != "dim"},
                          preprocess=spec.preprocess.to_dict(), precision=precision, store_dtype=store_dtype,
                          decoder_version=DECODER_VERSION)

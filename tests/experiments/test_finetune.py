@@ -25,7 +25,7 @@ from embedcache.experiments.finetune.unfreeze import (
 from embedcache.experiments.predict import predict
 from embedcache.experiments.protocol import probe
 from embedcache.extraction.extract import extract
-from embedcache.models.catalog import get_backbone
+from embedcache.models.build import get_backbone
 from embedcache.models.weights import load_state_dict_file
 from tests.tiny_backbone import TINY, TINY_SPEC, make_image_folder
 

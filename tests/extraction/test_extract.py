@@ -12,10 +12,11 @@ import pytest
 
 import tests.tiny_backbone  # noqa: F401
 from embedcache.errors import CacheLockedError, ConfigError, TooManyErrorsError
+from embedcache.extraction import compute as compute_mod
 from embedcache.extraction import extract as extract_mod
 from embedcache.extraction import plan as plan_mod
 from embedcache.extraction.extract import extract
-from embedcache.models import catalog
+from embedcache.models import build
 from embedcache.store.reader import FeatureStore
 from embedcache.store.schema import entry_paths
 from embedcache.store.writer import StoreWriter
@@ -62,9 +63,8 @@ def test_second_run_is_a_cache_hit_without_running_the_model(folder, tmp_path, m
 
     # neither built nor run: the identity is remembered, the entry exists
     monkeypatch.setattr(extract_mod, "build_backbone", boom)
-    monkeypatch.setattr(extract_mod, "run_batches", boom)
-    monkeypatch.setattr(plan_mod, "get_backbone", boom)
-    monkeypatch.setattr(catalog, "get_backbone", boom)
+    monkeypatch.setattr(compute_mod, "run_batches", boom)
+    monkeypatch.setattr(build, "get_backbone", boom)
     second = run(folder, tmp_path / "c", batch_size=7, workers=0)
     assert second.cache_hit and second.path == first.path
     np.testing.assert_array_equal(second.features, first.features)
@@ -91,7 +91,7 @@ def test_moved_dataset_is_the_same_entry(folder, tmp_path):
 
 def test_interrupted_run_resumes_to_identical_features(folder, tmp_path, monkeypatch):
     reference = run(folder, tmp_path / "ref")
-    monkeypatch.setattr(extract_mod, "COMMIT_EVERY_BATCHES", 1)
+    monkeypatch.setattr(compute_mod, "COMMIT_EVERY_BATCHES", 1)
     calls = []
 
     def interrupt(progress):

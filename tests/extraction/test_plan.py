@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import tests.tiny_backbone  # noqa: F401 - registers the tiny backbone
-from embedcache.extraction import extract as extract_module
+from embedcache.extraction import compute
 from embedcache.extraction import plan as plan_module
 from embedcache.extraction.extract import extract
 from embedcache.extraction.plan import plan_extraction
-from embedcache.models.catalog import get_backbone
+from embedcache.models import build
+from embedcache.models.build import get_backbone
+from embedcache.runtime import GPU_DEVICE_FILES
 from embedcache.store.memo import MEMO_NAME
 from tests.tiny_backbone import TINY, TinyNet, make_image_folder
 
@@ -29,8 +34,8 @@ def _forbid_building(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the backbone was built")
 
-    monkeypatch.setattr(plan_module, "get_backbone", boom)
-    monkeypatch.setattr(extract_module, "run_batches", boom)
+    monkeypatch.setattr(build, "get_backbone", boom)
+    monkeypatch.setattr(compute, "run_batches", boom)
 
 
 def test_a_cache_hit_builds_no_model(folder, tmp_path, monkeypatch):
@@ -97,3 +102,22 @@ def test_backbones_of_unknown_provenance_are_always_built(folder, tmp_path, monk
     again = plan_extraction(folder, backbone=TINY, cache_dir=tmp_path / "c")
     assert again.built is not None and not (tmp_path / "c" / MEMO_NAME).exists()
     assert catalog.backbone_identity("tests.tiny_backbone:tiny_factory") is None
+
+
+@pytest.mark.skipif(any(os.path.exists(p) for p in GPU_DEVICE_FILES) or not sys.platform.startswith("linux"),
+                    reason="a GPU driver is present: torch must be asked which device 'auto' means")
+def test_a_cache_hit_of_a_registered_backbone_loads_no_torch(folder, tmp_path):
+    code = textwrap.dedent("""
+        import sys
+        import embedcache
+        store = embedcache.extract(sys.argv[1], backbone="pixels", cache_dir=sys.argv[2], workers=0)
+        print(store.cache_hit, "torch" in sys.modules, "sklearn" in sys.modules)
+    """)
+    first = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "c")], capture_output=True,
+                           text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == ["False", "True", "False"]  # computing rows needs torch
+    second = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "c")], capture_output=True,
+                            text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split() == ["True", "False", "False"]

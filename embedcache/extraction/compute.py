@@ -1,0 +1,104 @@
+"""Computing an entry's rows: resume, reuse, run the inference loop, write, publish.
+
+Rows are written by index and committed every :data:`COMMIT_EVERY_BATCHES` batches; a resumed
+run recomputes only what is missing, in the same batches as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from embedcache.errors import TooManyErrorsError
+from embedcache.extraction.loop import (
+    ImageDataset,
+    Progress,
+    inference_module,
+    row_batches,
+    run_batches,
+)
+from embedcache.extraction.options import ExtractStats, RunOptions
+from embedcache.extraction.plan import ExtractionPlan
+from embedcache.models.backbone import Backbone
+from embedcache.store.reader import FeatureStore, find_reusable_entry, reusable_rows
+from embedcache.store.writer import StoreWriter
+
+#: Commit progress (data, then done flags, then flush) every this many batches.
+COMMIT_EVERY_BATCHES = 4
+
+
+def compute_entry(plan: ExtractionPlan, bb: Backbone, options: RunOptions,
+                  progress: Callable[[Progress], None] | None) -> tuple[FeatureStore, ExtractStats]:
+    """Write the plan's entry: resume a ``.partial``, copy unchanged rows, compute the rest,
+    publish; returns the entry (read back) and what was done (``seconds`` is the caller's)."""
+    samples = plan.source.samples
+    n = len(samples)
+    with StoreWriter(cache_dir=plan.cache_dir, cache_key=plan.cache_key, n=n, dim=plan.backbone.dim,
+                     store_dtype=plan.store_dtype, attrs=plan.entry_attrs(), paths=[s.path for s in samples],
+                     labels=[s.label for s in samples], splits=[s.split for s in samples],
+                     file_sizes=[s.size for s in samples], file_mtimes_ns=[s.mtime_ns for s in samples]) as writer:
+        reused = _reuse_unchanged_rows(writer, plan) if options.incremental else 0
+        batches = row_batches(writer.attempted, options.batch_size)
+        loop_seconds = _write_batches(plan, bb, writer, batches, options, progress)
+        computed = sum(len(b) for b in batches)
+        rate = computed / loop_seconds if computed and loop_seconds > 0 else None
+        final_path = writer.finalize({"extract_seconds": loop_seconds, "extract_images_per_s": rate or 0.0})
+        resumed, warnings = writer.resumed_rows, list(writer.warnings)
+    store = FeatureStore.open(final_path)
+    stats = ExtractStats(n=n, failed=len(store.errors), seconds=0.0, device=plan.device, precision=plan.precision,
+                         model_seconds=loop_seconds, computed_rows=computed, reused_rows=reused,
+                         resumed_rows=resumed, images_per_s=rate, warnings=warnings)
+    return store, stats
+
+
+def _write_batches(plan: ExtractionPlan, bb: Backbone, writer: StoreWriter, batches: list[list[int]],
+                   options: RunOptions, progress: Callable[[Progress], None] | None) -> float:
+    """Run ``batches`` through the model into ``writer``; returns the loop's seconds."""
+    n = len(plan.source)
+    computed = sum(len(b) for b in batches)
+    attempted = int(writer.attempted.sum())
+    loop_started = time.perf_counter()
+    device = torch.device(plan.device)
+    module = inference_module(bb, device) if batches else None
+    dataset = ImageDataset(plan.source, bb.preprocess)
+    for index, batch in enumerate(run_batches(module, dataset, batches, device=device,
+                                              precision=plan.precision, workers=options.workers)):
+        if batch.outputs is not None:
+            writer.write_rows(batch.rows, batch.outputs)
+        writer.record_errors(batch.failures)
+        attempted += len(batch.rows) + len(batch.failures)
+        if options.max_errors is not None and writer.n_failed > options.max_errors:
+            writer.commit()
+            raise TooManyErrorsError(
+                f"{writer.n_failed} images failed to decode, more than max_errors={options.max_errors_text} "
+                f"allows. First failures: "
+                + "; ".join(f"{plan.source.samples[i].path}: {m}" for i, m in batch.failures[:3])
+                + ". Progress is kept: fix or remove the files and rerun, or raise --max-errors."
+            )
+        if (index + 1) % COMMIT_EVERY_BATCHES == 0:
+            writer.commit()
+        if progress is not None:
+            elapsed = time.perf_counter() - loop_started
+            done_now = attempted - (n - computed)
+            progress(Progress(done=attempted, total=n, failed=writer.n_failed,
+                              images_per_s=done_now / elapsed if elapsed > 0 else 0.0))
+    return time.perf_counter() - loop_started
+
+
+def _reuse_unchanged_rows(writer: StoreWriter, plan: ExtractionPlan) -> int:
+    """Copy rows of files unchanged since the newest complete entry of the same config."""
+    previous = find_reusable_entry(plan.cache_dir, plan.config_key)
+    if previous is None:
+        return 0
+    old = reusable_rows(previous)
+    attempted = writer.attempted
+    mapping = {}
+    for row, sample in enumerate(plan.source.samples):
+        if attempted[row] or sample.size <= 0:
+            continue
+        match = old.get((sample.path, sample.size, sample.mtime_ns))
+        if match is not None:
+            mapping[row] = match
+    return writer.copy_rows_from(previous, mapping)
