@@ -1,23 +1,9 @@
 """Tests for the finetune command (embedcache.cli.finetune)."""
 
-import pytest
 from click.testing import CliRunner
 
 import tests.tiny_backbone  # noqa: F401
 from embedcache.cli import main
-from embedcache.experiments.protocol import probe
-from embedcache.extraction.extract import extract
-from tests.tiny_backbone import TINY, make_image_folder
-
-
-@pytest.fixture
-def probed(tmp_path):
-    """A tiny-backbone probe on a train/test folder (features stored in float32)."""
-    folder = make_image_folder(tmp_path / "data", per_class=15, split_dirs=True)
-    store = extract(folder, backbone=TINY, workers=0, cache_dir=tmp_path / "c", precision="fp32",
-                    store_dtype="float32")
-    result = probe(store, out=tmp_path / "p", penalty=1e-3)
-    return folder, tmp_path / "p", result
 
 
 def test_cli_prints_summary_epochs_and_comparison(probed, tmp_path):

@@ -30,16 +30,6 @@ from embedcache.models.weights import load_state_dict_file
 from tests.tiny_backbone import TINY, TINY_SPEC, make_image_folder
 
 
-@pytest.fixture
-def probed(tmp_path):
-    """A tiny-backbone probe on a train/test folder (features stored in float32)."""
-    folder = make_image_folder(tmp_path / "data", per_class=15, split_dirs=True)
-    store = extract(folder, backbone=TINY, workers=0, cache_dir=tmp_path / "c", precision="fp32",
-                    store_dtype="float32")
-    result = probe(store, out=tmp_path / "p", penalty=1e-3)
-    return folder, tmp_path / "p", result
-
-
 def run(probe_dir, data, out, **kwargs):
     kwargs.setdefault("workers", 0)
     kwargs.setdefault("epochs", 2)
