@@ -42,3 +42,7 @@ class CacheError(EmbedcacheError, OSError):
 
 class CacheLockedError(CacheError):
     """Another process is writing the same cache entry."""
+
+
+class CorruptEntryError(CacheError):
+    """A cache entry's bytes no longer match their checksums, or its layout is damaged."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -48,6 +49,17 @@ def _human(size: float) -> str:
     return f"{size:.1f} TB"
 
 
+_ERRNO = re.compile(r"errno = (\d+)")
+
+
+def os_errno(exc: OSError) -> int | None:
+    """The OS error number of an exception, also when a library (HDF5) only quotes it in its message."""
+    if exc.errno is not None:
+        return exc.errno
+    match = _ERRNO.search(str(exc))
+    return int(match.group(1)) if match else None
+
+
 def write_error(path: str | os.PathLike, exc: OSError, *, needed: int | None = None, kept: str = "") -> CacheError:
     """A named error for a failed write of ``path``.
 
@@ -57,13 +69,14 @@ def write_error(path: str | os.PathLike, exc: OSError, *, needed: int | None = N
         needed: bytes the write still needed, if known (quoted when the disk is full).
         kept: what survives the failure (e.g. "Committed progress is kept").
     """
-    reason = exc.strerror or str(exc)
-    if exc.errno in NO_SPACE:
+    number = os_errno(exc)
+    reason = exc.strerror or (os.strerror(number) if number is not None and exc.errno is None else str(exc))
+    if number in NO_SPACE:
         free = free_bytes(path)
         room = f"{_human(free)} free" if free is not None else "no space left"
         need = f", about {_human(needed)} needed" if needed else ""
         message = f"No room to write {str(path)!r} ({reason}: {room}{need}). Free some space or use another directory."
-    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    elif number in (errno.EROFS, errno.EACCES, errno.EPERM):
         message = f"Cannot write {str(path)!r} ({reason}): the location is read-only or not yours. Use another directory."
     else:
         message = f"Cannot write {str(path)!r} ({reason})."

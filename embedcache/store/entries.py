@@ -8,21 +8,36 @@ from typing import Any
 
 import h5py
 
-from embedcache.errors import CacheError
-from embedcache.store.hdf5 import read_attrs
-from embedcache.store.schema import FORMAT_NAME, LOCK_SUFFIX, PARTIAL_SUFFIX, SUFFIX, entry_stem
+from embedcache.errors import CacheError, CorruptEntryError
+from embedcache.fileio import is_plain_file, named_write_errors
+from embedcache.store.hdf5 import attr_value, check_safe, open_h5, read_attrs, read_numbers
+from embedcache.store.locking import EntryLock
+from embedcache.store.schema import (
+    CORRUPT_SUFFIX,
+    ENTRY_SUFFIXES,
+    FORMAT_NAME,
+    LOCK_SUFFIX,
+    PARTIAL_SUFFIX,
+    SUFFIX,
+    entry_stem,
+)
+
+#: Entry files ``ls`` lists (lock files are not entries).
+LISTED_SUFFIXES = (SUFFIX, PARTIAL_SUFFIX, CORRUPT_SUFFIX)
 
 
-def _is_entry_name(path: Path) -> bool:
-    return path.name.endswith(SUFFIX) or path.name.endswith(PARTIAL_SUFFIX)
+def _is_listed(path: Path) -> bool:
+    return entry_stem(path) is not None and path.name.endswith(LISTED_SUFFIXES)
 
 
 def entry_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """Attributes of an entry without loading its arrays (for ``embedcache ls``)."""
+    """Attributes of an entry without loading its features (for ``embedcache ls``); refuses files
+    with external links or storage before reading any data."""
     path = Path(path)
-    with h5py.File(path, "r", locking=False) as handle:
+    with open_h5(path) as handle:
+        check_safe(handle, path)
         attrs = read_attrs(handle)
-        done = int(handle["done"][...].sum()) if "done" in handle else 0
+        done = int(read_numbers(handle["done"], path).sum()) if "done" in handle else 0
         n_errors = len(handle["errors/index"]) if "errors/index" in handle else 0
     attrs["rows_done"] = done
     attrs["n_errors"] = n_errors
@@ -32,18 +47,21 @@ def entry_summary(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def list_entries(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Summaries of every entry (complete and partial) in ``cache_dir``, newest first."""
+    """Summaries of every entry (complete, partial, set aside as corrupt) in ``cache_dir``,
+    newest first; an entry that cannot be read is listed as ``unreadable`` with the reason."""
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         return []
     out = []
     for path in sorted(cache_dir.iterdir()):
-        if not _is_entry_name(path):
+        if not _is_listed(path):
             continue
         try:
+            if path.name.endswith(CORRUPT_SUFFIX):
+                raise CorruptEntryError("set aside: it failed its checksums")
             out.append(entry_summary(path))
-        except (OSError, KeyError, ValueError) as exc:
-            out.append({"file": str(path), "unreadable": str(exc), "bytes": path.stat().st_size})
+        except (CacheError, OSError, KeyError, ValueError) as exc:
+            out.append({"file": str(path), "unreadable": str(exc), "bytes": path.lstat().st_size})
     out.sort(key=lambda e: str(e.get("updated", "")), reverse=True)
     return out
 
@@ -55,12 +73,12 @@ def resolve_entry(entry: str | os.PathLike, cache_dir: str | os.PathLike) -> Pat
         return candidate
     cache_dir = Path(cache_dir)
     in_dir = cache_dir / str(entry)
-    if in_dir.is_file():
+    if in_dir.is_file() or (os.path.lexists(in_dir) and entry_stem(in_dir)):
         return in_dir
     text = str(entry)
     matches: list[Path] = []
     if len(text) >= 4 and all(c in "0123456789abcdef" for c in text.lower()) and cache_dir.is_dir():
-        matches = [p for p in sorted(cache_dir.iterdir()) if p.name.startswith(text.lower()) and _is_entry_name(p)]
+        matches = [p for p in sorted(cache_dir.iterdir()) if p.name.startswith(text.lower()) and _is_listed(p)]
         complete = [p for p in matches if p.name.endswith(SUFFIX)]
         if len(complete) == 1:
             return complete[0]
@@ -77,28 +95,50 @@ def resolve_entry(entry: str | os.PathLike, cache_dir: str | os.PathLike) -> Pat
     )
 
 
-def remove_entry(path: str | os.PathLike) -> list[Path]:
-    """Delete an entry (and its partial/lock siblings). Returns the files removed.
+def _foreign(path: Path) -> bool:
+    """A readable HDF5 file that says it is not ours (a damaged or truncated file is ours by name)."""
+    if not path.name.endswith(SUFFIX) or path.is_symlink():
+        return False
+    try:
+        with h5py.File(path, "r", locking=False) as handle:
+            return attr_value(handle.attrs, "format") != FORMAT_NAME
+    except OSError:
+        return False
 
-    Refuses anything that is not named like an entry or does not carry the embedcache format
-    attribute (an unreadable ``.partial`` is still removable: it is ours by name).
+
+def remove_entry(path: str | os.PathLike) -> list[Path]:
+    """Delete an entry and every file it owns (partial, lock, set-aside copy). Returns the files
+    removed.
+
+    Only names of the form ``<16 hex digits>.h5[.partial|.lock|.corrupt]`` are ever deleted, and a
+    readable ``.h5`` must carry the embedcache format attribute; a truncated or unreadable one is
+    removable (it is ours by name). The entry's lock is taken first, so an entry another process
+    is writing is refused, naming that process.
+
+    Raises:
+        CacheError: not an entry name, a foreign HDF5 file, or a write in progress.
     """
     path = Path(path)
-    if not _is_entry_name(path):
-        raise CacheError(f"{str(path)!r} is not a cache entry (expected a .h5 or .h5.partial file).")
-    if path.name.endswith(SUFFIX):
-        try:
-            with h5py.File(path, "r", locking=False) as handle:
-                is_ours = handle.attrs.get("format") == FORMAT_NAME
-        except OSError:
-            is_ours = False
-        if not is_ours:
-            raise CacheError(f"{str(path)!r} is not an embedcache entry; not deleting it.")
     stem = entry_stem(path)
+    if stem is None:
+        raise CacheError(f"{str(path)!r} is not a cache entry (expected <16 hex digits>.h5, .h5.partial or "
+                         f".h5.corrupt); not deleting it.")
+    if _foreign(path):
+        raise CacheError(f"{str(path)!r} is not an embedcache entry; not deleting it.")
+    lock = EntryLock(path.with_name(stem + LOCK_SUFFIX))
+    had_lock = os.path.lexists(lock.path)
+    if had_lock and not is_plain_file(lock.path):  # a planted link: remove the name, never follow it
+        with named_write_errors(lock.path):
+            lock.path.unlink()
+    lock.acquire(purpose="removing")
     removed = []
-    for suffix in (SUFFIX, PARTIAL_SUFFIX, LOCK_SUFFIX):
-        candidate = path.with_name(f"{stem}{suffix}")
-        if candidate.exists():
-            candidate.unlink()
-            removed.append(candidate)
-    return removed
+    try:
+        for suffix in ENTRY_SUFFIXES:
+            candidate = path.with_name(stem + suffix)
+            if suffix != LOCK_SUFFIX and os.path.lexists(candidate):
+                with named_write_errors(candidate):
+                    candidate.unlink()
+                removed.append(candidate)
+    finally:
+        lock.release(unlink=True)
+    return removed + ([lock.path] if had_lock else [])

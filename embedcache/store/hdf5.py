@@ -1,21 +1,45 @@
-"""HDF5 access that every reader and writer of entries shares: opening, safety checks, attributes.
+"""HDF5 access that every reader and writer of entries shares: opening, safety checks,
+checksums, attributes.
 
 Readers refuse external links, external storage, virtual datasets and filters that embedcache
-never writes, so a planted file cannot make us read (or write) elsewhere.
+never writes, so a planted file cannot make us read (or write) elsewhere. Every dataset is
+written chunked with HDF5's Fletcher-32 checksum, which HDF5 verifies on every read; strings
+(datasets and attributes) are fixed-width, so nothing lives in HDF5's unchecksummed global heap;
+object headers (and the attributes inside them) are checksummed by the 1.8 file format, and the
+root attributes also carry a sha256 of their own.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from embedcache.errors import CacheError
+from embedcache.errors import CacheError, CorruptEntryError
 from embedcache.splits import SPLIT_NAMES
-from embedcache.store.schema import ALLOWED_FILTERS, JSON_ATTRS
+from embedcache.store.schema import (
+    ALLOWED_FILTERS,
+    BLOCK_CRC32,
+    COLUMN_CRC32,
+    JSON_ATTRS,
+    ROWS_PER_CHUNK,
+)
+
+#: File-format version written: 1.8's, whose superblock and object headers carry checksums (1.10's
+#: would also mark files open for writing, so a killed writer's partial could not be resumed).
+LIBVER = ("v108", "v108")
+#: Rows per chunk of 1-D datasets.
+CHUNK_1D = 4096
+#: Root attribute holding the sha256 of every other root attribute (their string values live
+#: outside the checksummed object headers) and of ``/split``'s mapping.
+ATTRS_SHA256 = "attrs_sha256"
+#: What a damaged file's reader can raise besides our own errors (h5py and HDF5 are not uniform).
+READ_FAILURES = (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError)
 
 #: ``{code: name}`` of ``/split``, written as the ``split_mapping`` attribute.
 SPLIT_MAPPING = SPLIT_NAMES
@@ -26,7 +50,62 @@ def open_h5(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r", locking=False)
     except OSError as exc:
-        raise CacheError(f"Cannot open {str(path)!r} as HDF5 ({exc}).") from exc
+        raise CorruptEntryError(f"Cannot open {str(path)!r} as HDF5 ({exc}): the file is truncated, damaged or "
+                                f"not an HDF5 file. `embedcache rm` removes it; extracting again recomputes it.") from exc
+
+
+def fixed_utf8(values: Iterable[str], *, length: int | None = None) -> np.ndarray:
+    """Strings as a fixed-width UTF-8 byte array (``length`` bytes each: the longest by default,
+    longer values cut at a character boundary)."""
+    encoded = [str(v).encode("utf-8") for v in values]
+    width = max(1, length or max((len(e) for e in encoded), default=1))
+    fitted = [e if len(e) <= width else e[:width].decode("utf-8", "ignore").encode("utf-8") for e in encoded]
+    return np.array(fitted, dtype=utf8_dtype(width))
+
+
+def utf8_dtype(width: int) -> Any:
+    """The HDF5 type of fixed-width UTF-8 strings of ``width`` bytes."""
+    return h5py.string_dtype("utf-8", max(1, int(width)))
+
+
+def create_checked(parent: h5py.Group, name: str, *, data: Any = None, shape: tuple[int, ...] | None = None,
+                   dtype: Any = None, maxshape: tuple[int | None, ...] | None = None, fillvalue: Any = None,
+                   chunks: tuple[int, ...] | None = None) -> h5py.Dataset:
+    """A dataset as every entry stores it: chunked, with a Fletcher-32 checksum per chunk that
+    HDF5 verifies on every read. Strings are stored fixed-width (:func:`fixed_utf8`,
+    :func:`utf8_dtype`), never variable-length: those live in a heap without checksums, where a
+    flipped byte can even make HDF5 loop forever."""
+    if data is not None:
+        data = np.asarray(data)
+        shape = data.shape
+        dtype = dtype if dtype is not None else data.dtype
+    if chunks is None:
+        chunks = (max(1, min(CHUNK_1D, shape[0] or 1)), *shape[1:])
+    dataset = parent.create_dataset(name, shape=shape, dtype=dtype, maxshape=maxshape, chunks=chunks,
+                                    fillvalue=fillvalue, fletcher32=True)
+    if data is not None and len(data):
+        dataset[...] = data
+    return dataset
+
+
+def read_strings(dataset: h5py.Dataset, path: Path) -> np.ndarray:
+    """A string dataset's values as ``str`` (checksums verified for fixed-width strings)."""
+    try:
+        return dataset.asstr()[...]
+    except OSError as exc:
+        raise CorruptEntryError(f"{str(path)!r}: cannot read {dataset.name} ({exc}): a checksum failed or the "
+                                f"file is damaged. `embedcache rm` removes it; extracting again recomputes "
+                                f"it.") from exc
+
+
+def read_numbers(dataset: h5py.Dataset, path: Path, selection: Any = Ellipsis) -> np.ndarray:
+    """A numeric dataset's values; HDF5 verifies each chunk's Fletcher-32 checksum while reading."""
+    try:
+        return dataset[selection]
+    except OSError as exc:
+        raise CorruptEntryError(f"{str(path)!r}: cannot read {dataset.name} ({exc}): a checksum failed or the "
+                                f"file is damaged. `embedcache rm` removes it; extracting again recomputes "
+                                f"it.") from exc
 
 
 def check_safe(handle: h5py.File, path: Path) -> None:
@@ -59,10 +138,9 @@ def json_attr(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def read_attrs(handle: h5py.File) -> dict[str, Any]:
-    """Root attributes with bytes decoded, numpy scalars unwrapped and JSON attributes parsed."""
+def _decoded_attrs(attributes: h5py.AttributeManager) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
-    for key, value in handle.attrs.items():
+    for key, value in attributes.items():
         if isinstance(value, bytes):
             value = value.decode("utf-8")
         if isinstance(value, np.generic):
@@ -73,12 +151,107 @@ def read_attrs(handle: h5py.File) -> dict[str, Any]:
     return attrs
 
 
+def attr_value(attributes: h5py.AttributeManager, key: str, default: Any = None) -> Any:
+    """One attribute decoded (bytes to str, numpy scalars to Python), without checks."""
+    value = attributes.get(key, default)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def attrs_digest(handle: h5py.File) -> str:
+    """sha256 of the root attributes (but the digest itself) and of ``/split``'s mapping."""
+    from embedcache.store.fingerprint import sha256_json
+
+    root = {k: v for k, v in _decoded_attrs(handle.attrs).items() if k != ATTRS_SHA256}
+    mapping = handle["split"].attrs.get("mapping") if "split" in handle else None
+    mapping = mapping.decode() if isinstance(mapping, bytes) else mapping
+    return sha256_json({"root": root, "split_mapping": mapping})
+
+
+def set_attr(attributes: h5py.AttributeManager, key: str, value: Any) -> None:
+    """One attribute; strings (and JSON) as fixed-width UTF-8, inside the checksummed header."""
+    if key in JSON_ATTRS:
+        value = json_attr(value)
+    if isinstance(value, str):
+        raw = value.encode("utf-8")
+        attributes.create(key, data=np.array(raw, dtype=utf8_dtype(len(raw))), dtype=utf8_dtype(len(raw)))
+    else:
+        attributes[key] = value
+
+
+def write_root_attrs(handle: h5py.File, values: dict[str, Any]) -> None:
+    """Set root attributes (JSON ones encoded) and refresh :data:`ATTRS_SHA256`."""
+    for key, value in values.items():
+        set_attr(handle.attrs, key, value)
+    set_attr(handle.attrs, ATTRS_SHA256, attrs_digest(handle))
+
+
+def read_attrs(handle: h5py.File) -> dict[str, Any]:
+    """Root attributes with bytes decoded, numpy scalars unwrapped and JSON attributes parsed;
+    checked against :data:`ATTRS_SHA256` when the file has it."""
+    attrs = _decoded_attrs(handle.attrs)
+    recorded = attrs.pop(ATTRS_SHA256, None)
+    if recorded is not None and recorded != attrs_digest(handle):
+        raise CorruptEntryError(f"{handle.filename!r}: its attributes do not match their checksum: the file is "
+                                f"corrupt. `embedcache rm` removes it; extracting again recomputes it.")
+    return attrs
+
+
 def read_errors(handle: h5py.File) -> list[tuple[int, str, str]]:
-    """``[(row, path, message)]`` of the images that failed to decode."""
+    """``[(row, path, message)]`` of the images that failed to decode (checksums verified)."""
     if "errors" not in handle:
         return []
-    group = handle["errors"]
-    index = group["index"][...]
-    paths = group["path"].asstr()[...]
-    messages = group["message"].asstr()[...]
+    group, path = handle["errors"], Path(handle.filename)
+    index = read_numbers(group["index"], path)
+    paths = read_strings(group["path"], path)
+    messages = read_strings(group["message"], path)
     return [(int(i), str(p), str(m)) for i, p, m in zip(index, paths, messages, strict=False)]
+
+
+# --------------------------------------------------------------------------- our own checksums
+# HDF5's chunk indexes in the 1.8 format carry no checksum: a flipped byte there can make a chunk
+# read as "never written" (its fill value) without any error. So the values themselves are
+# checksummed too: a CRC-32 per block of feature rows, and one per column.
+
+#: Columns checksummed whole (/errors/* included).
+CHECKED_COLUMNS = ("labels", "paths", "split", "file_size", "file_mtime_ns", "done", "errors/index",
+                   "errors/path", "errors/message")
+
+
+def crc32(values: np.ndarray) -> int:
+    """CRC-32 of an array's bytes as stored."""
+    return zlib.crc32(np.ascontiguousarray(values).view(np.uint8)) & 0xFFFFFFFF
+
+
+def block_crc32(features: np.ndarray) -> np.ndarray:
+    """One CRC-32 per block of :data:`ROWS_PER_CHUNK` rows of ``features`` (blocks start at row 0)."""
+    return np.array([crc32(features[b:b + ROWS_PER_CHUNK]) for b in range(0, len(features), ROWS_PER_CHUNK)],
+                    dtype=np.uint32)
+
+
+def _corrupt(path: Path, what: str) -> CorruptEntryError:
+    return CorruptEntryError(f"{str(path)!r}: {what} does not match its checksum: the file is corrupt. "
+                             f"`embedcache rm` removes it; extracting again recomputes it.")
+
+
+def verify_columns(handle: h5py.File, path: Path, attrs: dict[str, Any]) -> None:
+    """Every whole-column checksum recorded in ``attrs`` (entries written before checksums have none)."""
+    recorded = attrs.get(COLUMN_CRC32)
+    if not recorded:
+        return
+    for name, value in recorded.items():
+        if name not in handle or crc32(read_numbers(handle[name], path)) != int(value):
+            raise _corrupt(path, f"/{name}")
+
+
+def verify_feature_blocks(handle: h5py.File, path: Path, features: np.ndarray) -> None:
+    """``features`` (all rows, as read) against the per-block checksums, when the entry has them."""
+    if BLOCK_CRC32 not in handle:
+        return
+    recorded = read_numbers(handle[BLOCK_CRC32], path)
+    computed = block_crc32(features)
+    if len(recorded) != len(computed) or not np.array_equal(recorded, computed):
+        bad = np.flatnonzero(recorded != computed) if len(recorded) == len(computed) else []
+        rows = f"rows {int(bad[0]) * ROWS_PER_CHUNK}-{int(bad[0]) * ROWS_PER_CHUNK + ROWS_PER_CHUNK - 1}" if len(bad) else "/features"
+        raise _corrupt(path, f"/features ({rows})")

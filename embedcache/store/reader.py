@@ -13,9 +13,20 @@ from typing import Any
 import h5py
 import numpy as np
 
-from embedcache.errors import CacheError
+from embedcache.errors import CacheError, CorruptEntryError
 from embedcache.splits import parse_split
-from embedcache.store.hdf5 import check_safe, open_h5, read_attrs, read_errors
+from embedcache.store.hdf5 import (
+    READ_FAILURES,
+    attr_value,
+    check_safe,
+    open_h5,
+    read_attrs,
+    read_errors,
+    read_numbers,
+    read_strings,
+    verify_columns,
+    verify_feature_blocks,
+)
 from embedcache.store.schema import FORMAT_NAME, FORMAT_VERSION, SUFFIX
 
 
@@ -55,19 +66,17 @@ class FeatureStore:
         if not path.is_file():
             raise CacheError(f"No cache entry at {str(path)!r}. See `embedcache ls` for entries.")
         with open_h5(path) as handle:
-            check_safe(handle, path)
-            attrs = read_attrs(handle)
-            _check_header(attrs, path, allow_partial)
-            done = handle["done"][...]
-            rows = np.flatnonzero(done)
-            # a complete entry is read as is (no gathering copy of the feature matrix)
-            pick = slice(None) if len(rows) == len(done) else rows
-            features = handle["features"][...][pick] if len(rows) else np.zeros((0, attrs["dim"]), np.float16)
-            labels = handle["labels"][...][pick]
-            paths = handle["paths"].asstr()[...][pick]
-            splits = handle["split"][...][pick]
-            errors = read_errors(handle)
-        return cls(path, features, labels, paths, splits, rows, attrs, errors)
+            try:
+                check_safe(handle, path)
+                attrs = read_attrs(handle)
+                _check_header(attrs, path, allow_partial)
+                verify_columns(handle, path, attrs)
+                arrays = _read_rows(handle, path, int(attrs["dim"]))
+                errors = read_errors(handle)
+            except READ_FAILURES as exc:  # a missing dataset or attribute, bad JSON, a damaged B-tree
+                raise CorruptEntryError(f"{str(path)!r} is a damaged cache entry ({type(exc).__name__}: {exc}). "
+                                        f"`embedcache rm` removes it; extracting again recomputes it.") from exc
+        return cls(path, *arrays, attrs, errors)
 
     @property
     def cache_key(self) -> str:
@@ -87,6 +96,24 @@ class FeatureStore:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+def _read_rows(handle: h5py.File, path: Path, dim: int) -> tuple[np.ndarray, ...]:
+    """(features, labels, paths, splits, rows) of the done rows, every checksum verified."""
+    n = handle["done"].shape[0]
+    if any(handle[name].shape[0] != n for name in ("features", "labels", "paths", "split")):
+        raise CorruptEntryError(f"{str(path)!r}: its columns have different lengths; the entry is damaged.")
+    done = read_numbers(handle["done"], path).astype(bool)
+    rows = np.flatnonzero(done)
+    # a complete entry is read as is (no gathering copy of the feature matrix)
+    pick = slice(None) if len(rows) == len(done) else rows
+    stored = read_numbers(handle["features"], path)
+    verify_feature_blocks(handle, path, stored)
+    features = stored[pick] if len(rows) else np.zeros((0, dim), stored.dtype)
+    labels = read_numbers(handle["labels"], path)[pick]
+    paths = read_strings(handle["paths"], path)[pick]
+    splits = read_numbers(handle["split"], path)[pick]
+    return features, labels, paths, splits, rows
 
 
 def _check_header(attrs: dict[str, Any], path: Path, allow_partial: bool) -> None:
@@ -111,9 +138,9 @@ def find_reusable_entry(cache_dir: str | os.PathLike, config_key: str) -> Path |
         try:
             with h5py.File(path, "r", locking=False) as handle:
                 attrs = handle.attrs
-                if attrs.get("config_key") != config_key or not attrs.get("complete"):
+                if attr_value(attrs, "config_key") != config_key or not attr_value(attrs, "complete"):
                     continue
-                updated = str(attrs.get("updated", ""))
+                updated = str(attr_value(attrs, "updated", ""))
         except OSError:
             continue
         if best is None or updated > best[0]:
@@ -126,18 +153,20 @@ def row_keys(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     with open_h5(path) as handle:
         check_safe(handle, path)
-        done = handle["done"][...].astype(bool)
-        return handle["paths"].asstr()[...][done], handle["split"][...][done]
+        verify_columns(handle, path, read_attrs(handle))
+        done = read_numbers(handle["done"], path).astype(bool)
+        return read_strings(handle["paths"], path)[done], read_numbers(handle["split"], path)[done]
 
 
 def reusable_rows(source: Path) -> dict[tuple[str, int, int], int]:
     """``{(path, size, mtime_ns): row}`` for done rows of a complete entry."""
     with open_h5(source) as handle:
         check_safe(handle, source)
-        done = handle["done"][...]
-        paths = handle["paths"].asstr()[...]
-        sizes = handle["file_size"][...]
-        mtimes = handle["file_mtime_ns"][...]
+        verify_columns(handle, source, read_attrs(handle))
+        done = read_numbers(handle["done"], source)
+        paths = read_strings(handle["paths"], source)
+        sizes = read_numbers(handle["file_size"], source)
+        mtimes = read_numbers(handle["file_mtime_ns"], source)
     return {
         (str(paths[i]), int(sizes[i]), int(mtimes[i])): int(i)
         for i in np.flatnonzero(done)

@@ -12,16 +12,22 @@ from pathlib import Path
 
 FORMAT_NAME = "embedcache"
 #: Bump when the HDF5 layout or the meaning of a stored value changes (it is part of the key).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUFFIX = ".h5"
 PARTIAL_SUFFIX = ".h5.partial"
 LOCK_SUFFIX = ".h5.lock"
+#: An entry that failed its checksums, set aside by ``extract`` before it recomputes the entry.
+CORRUPT_SUFFIX = ".h5.corrupt"
 #: On-disk dtypes of ``/features`` (the one definition; ``--store-dtype`` offers these).
 STORE_DTYPES = ("float16", "float32")
 #: Rows per HDF5 chunk of /features: reading a few rows touches little, scanning stays fast.
 ROWS_PER_CHUNK = 256
 #: Root attributes stored as JSON strings.
-JSON_ATTRS = ("class_names", "backbone", "preprocess", "versions", "source", "split_mapping")
+JSON_ATTRS = ("class_names", "backbone", "preprocess", "versions", "source", "split_mapping", "column_crc32")
+#: Root attribute with the CRC-32 of each whole column (and of the /errors table).
+COLUMN_CRC32 = "column_crc32"
+#: Dataset of one CRC-32 per block of :data:`ROWS_PER_CHUNK` feature rows.
+BLOCK_CRC32 = "checksums/features"
 ALLOWED_FILTERS = (None, "gzip", "lzf")
 #: Environment variable naming the default cache directory.
 CACHE_DIR_ENV = "EMBEDCACHE_DIR"
@@ -42,9 +48,19 @@ def entry_paths(cache_dir: str | os.PathLike, cache_key: str) -> tuple[Path, Pat
     )
 
 
+#: Every file name an entry owns: ``<key16>`` followed by one of these.
+ENTRY_SUFFIXES = (SUFFIX, PARTIAL_SUFFIX, LOCK_SUFFIX, CORRUPT_SUFFIX)
+#: Characters of ``<key16>``.
+KEY_PREFIX_LENGTH = 16
+
+
 def entry_stem(path: Path) -> str | None:
-    """The ``<key16>`` of an entry, partial or lock file name; None for other names."""
-    for suffix in (PARTIAL_SUFFIX, LOCK_SUFFIX, SUFFIX):
+    """The ``<key16>`` of an entry's file name (16 lowercase hex digits + an entry suffix);
+    None for any other name, which embedcache never deletes."""
+    for suffix in sorted(ENTRY_SUFFIXES, key=len, reverse=True):
         if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
+            stem = path.name[: -len(suffix)]
+            if len(stem) == KEY_PREFIX_LENGTH and all(c in "0123456789abcdef" for c in stem):
+                return stem
+            return None
     return None

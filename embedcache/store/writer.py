@@ -1,10 +1,13 @@
 """StoreWriter: building one HDF5 cache entry crash-safely (schema in docs/schema.md).
 
-An entry is built as ``<key16>.h5.partial``, progress is committed every few batches (feature
-rows, then their ``done`` flags, then a flush), and on completion the file is marked ``complete``,
+An entry is built as ``<key16>.h5.partial`` (created under a fresh ``mkstemp`` name, then renamed),
+progress is committed every few batches (feature rows, then their ``done`` flags, then a flush),
+and on completion the file is marked ``complete``, read back in full (checksums, finite rows),
 fsynced and atomically renamed to ``<key16>.h5``. A final name therefore always holds a complete
-entry. A second writer on the same entry fails fast on a lock file
-(:mod:`~embedcache.store.locking`).
+entry that read back as written. A second writer on the same entry fails fast on a lock file
+(:mod:`~embedcache.store.locking`); a planted ``.partial`` (symlink, hard link, external
+storage) is removed, never written through. Write failures (a full disk, read-only media) are
+one :class:`~embedcache.errors.CacheError` naming the file and the free space.
 """
 
 from __future__ import annotations
@@ -19,17 +22,49 @@ from typing import Any
 import h5py
 import numpy as np
 
-from embedcache.errors import CacheError, ConfigError
-from embedcache.store.hdf5 import SPLIT_MAPPING, check_safe, json_attr, read_attrs, read_errors
+from embedcache.errors import CacheError, ConfigError, CorruptEntryError
+from embedcache.fileio import (
+    free_bytes,
+    fsync_dir,
+    is_plain_file,
+    named_write_errors,
+    new_temporary_path,
+)
+from embedcache.store.hdf5 import (
+    CHECKED_COLUMNS,
+    LIBVER,
+    SPLIT_MAPPING,
+    check_safe,
+    crc32,
+    create_checked,
+    fixed_utf8,
+    json_attr,
+    open_h5,
+    read_attrs,
+    read_errors,
+    read_numbers,
+    set_attr,
+    utf8_dtype,
+    verify_columns,
+    verify_feature_blocks,
+    write_root_attrs,
+)
 from embedcache.store.locking import EntryLock
 from embedcache.store.schema import (
+    BLOCK_CRC32,
+    COLUMN_CRC32,
     FORMAT_NAME,
     FORMAT_VERSION,
-    JSON_ATTRS,
     ROWS_PER_CHUNK,
     STORE_DTYPES,
     entry_paths,
 )
+from embedcache.store.verify import scan_features
+
+#: Bytes kept of each decode error message (longer ones are cut).
+ERROR_MESSAGE_BYTES = 512
+#: Rows per chunk of the /errors table (few failures are the common case).
+ERROR_CHUNK_ROWS = 16
 
 
 def _now() -> str:
@@ -102,79 +137,119 @@ class StoreWriter:
         self._lock.release(unlink=self.final_path.exists())
 
     def _open_partial(self) -> None:
-        if self.partial_path.exists():
-            try:
-                handle = h5py.File(self.partial_path, "r+", locking=False)
-                attrs = read_attrs(handle)
-                if (
-                    attrs.get("cache_key") != self.cache_key
-                    or tuple(handle["features"].shape) != (self.n, self.dim)
-                ):
-                    handle.close()
-                    raise ValueError("cache key or shape differs")
-                self._done = handle["done"][...].astype(bool)
-                # Belt and braces after a hard kill: a row vouched for by `done` must hold
-                # finite numbers (unwritten rows are NaN-filled); otherwise recompute it.
-                if self._done.any():
-                    rows = np.flatnonzero(self._done)
-                    finite = np.isfinite(handle["features"][...][rows]).all(axis=1)
-                    self._done[rows[~finite]] = False
-                for index, _path, _msg in read_errors(handle):
-                    self._failed[index] = True
-                self.resumed_rows = int(self._done.sum())
-                self._handle = handle
+        """Resume a ``.partial`` that is ours and safe, else start a new one. A partial that is a
+        symlink, a hard link, unreadable, foreign or unsafe (external links or storage) is removed
+        (the name only: nothing it points to is touched) and never written."""
+        if os.path.lexists(self.partial_path):
+            reason = self._resume_problem()
+            if reason is None:
                 return
-            except (OSError, KeyError, ValueError) as exc:
-                self.warnings.append(
-                    f"Discarded unreadable partial entry {str(self.partial_path)!r} ({exc}); starting over."
-                )
+            self.warnings.append(f"Discarded partial entry {str(self.partial_path)!r} ({reason}); starting over.")
+            with named_write_errors(self.partial_path):
                 self.partial_path.unlink()
         self._create()
 
-    def _create(self) -> None:
-        self.partial_path.parent.mkdir(parents=True, exist_ok=True)
-        handle = h5py.File(self.partial_path, "w", locking=False)
-        chunk_rows = max(1, min(ROWS_PER_CHUNK, self.n))
-        handle.create_dataset(
-            "features",
-            shape=(self.n, self.dim),
-            dtype=self.store_dtype,
-            chunks=(chunk_rows, self.dim) if self.n else None,
-            fillvalue=np.nan,
-        )
-        handle.create_dataset("labels", data=self._static["labels"])
-        handle.create_dataset(
-            "paths", data=np.array(self._static["paths"], dtype=object), dtype=h5py.string_dtype("utf-8")
-        )
-        split = handle.create_dataset("split", data=self._static["split"])
-        split.attrs["mapping"] = json_attr(SPLIT_MAPPING)
-        handle.create_dataset("file_size", data=self._static["file_size"])
-        handle.create_dataset("file_mtime_ns", data=self._static["file_mtime_ns"])
-        handle.create_dataset("done", data=np.zeros(self.n, dtype=bool))
-        errors = handle.create_group("errors")
-        errors.create_dataset("index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(256,))
-        for name in ("path", "message"):
-            errors.create_dataset(
-                name, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"), chunks=(256,)
-            )
-        now = _now()
-        root = {
-            **self._attrs,
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "cache_key": self.cache_key,
-            "complete": False,
-            "n": self.n,
-            "dim": self.dim,
-            "store_dtype": self.store_dtype,
-            "split_mapping": SPLIT_MAPPING,
-            "created": now,
-            "updated": now,
-        }
-        for key, value in root.items():
-            handle.attrs[key] = json_attr(value) if key in JSON_ATTRS else value
-        handle.flush()
+    def _resume_problem(self) -> str | None:
+        """Open the partial for resuming; None when done, else why it cannot be resumed."""
+        if not is_plain_file(self.partial_path):
+            return "a symlink, a hard link or not a regular file"
+        try:
+            handle = h5py.File(self.partial_path, "r+", locking=False)
+        except OSError as exc:
+            return f"unreadable: {exc}"
+        try:
+            check_safe(handle, self.partial_path)
+            attrs = read_attrs(handle)
+            if attrs.get("cache_key") != self.cache_key or tuple(handle["features"].shape) != (self.n, self.dim):
+                raise ValueError("cache key or shape differs")
+            if not handle["features"].fletcher32:
+                raise ValueError("written without checksums (an older format)")
+            self._column_crc = dict(attrs[COLUMN_CRC32])
+            verify_columns(handle, self.partial_path, {COLUMN_CRC32: {k: v for k, v in self._column_crc.items()
+                                                                      if k != "done"}})
+            self._done = read_numbers(handle["done"], self.partial_path).astype(bool)
+            # After a hard kill: a row vouched for by `done` must hold finite numbers (unwritten
+            # rows are NaN-filled) in a block that matches its checksum; else it is recomputed.
+            finite, crcs = scan_features(handle["features"], self.partial_path, self._done)
+            stale = np.repeat(crcs != read_numbers(handle[BLOCK_CRC32], self.partial_path), ROWS_PER_CHUNK)[: self.n]
+            self._done &= finite & ~stale
+            for index, _path, _msg in read_errors(handle):
+                self._failed[index] = True
+        except (CacheError, OSError, KeyError, ValueError, TypeError) as exc:
+            handle.close()
+            return str(exc)
+        self.resumed_rows = int(self._done.sum())
         self._handle = handle
+        return None
+
+    def _create(self) -> None:
+        """A new partial: built under a fresh ``mkstemp`` name in the cache dir (nothing planted
+        can be opened), then renamed to ``<key16>.h5.partial``."""
+        with named_write_errors(self.partial_path.parent):
+            self.partial_path.parent.mkdir(parents=True, exist_ok=True)
+        self._check_room()
+        tmp = new_temporary_path(self.partial_path.parent, prefix=f".{self.partial_path.name}.", suffix=".tmp")
+        try:
+            with named_write_errors(self.partial_path, needed=self._bytes_needed()):
+                handle = h5py.File(tmp, "w", locking=False, libver=LIBVER)
+                self._write_layout(handle)
+                handle.flush()
+                os.replace(tmp, self.partial_path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._handle = handle
+
+    def _write_layout(self, handle: h5py.File) -> None:
+        create_checked(handle, "features", shape=(self.n, self.dim), dtype=self.store_dtype, fillvalue=np.nan,
+                       chunks=(max(1, min(ROWS_PER_CHUNK, self.n)), self.dim))
+        create_checked(handle, BLOCK_CRC32, data=self._unwritten_block_crcs())
+        create_checked(handle, "labels", data=self._static["labels"])
+        paths = fixed_utf8(self._static["paths"])
+        create_checked(handle, "paths", data=paths, dtype=utf8_dtype(paths.dtype.itemsize))
+        split = create_checked(handle, "split", data=self._static["split"])
+        set_attr(split.attrs, "mapping", json_attr(SPLIT_MAPPING))
+        create_checked(handle, "file_size", data=self._static["file_size"])
+        create_checked(handle, "file_mtime_ns", data=self._static["file_mtime_ns"])
+        create_checked(handle, "done", data=np.zeros(self.n, dtype=bool))
+        errors = handle.create_group("errors")
+        create_checked(errors, "index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(ERROR_CHUNK_ROWS,))
+        create_checked(errors, "path", shape=(0,), maxshape=(None,), dtype=utf8_dtype(paths.dtype.itemsize),
+                       chunks=(ERROR_CHUNK_ROWS,))
+        create_checked(errors, "message", shape=(0,), maxshape=(None,), dtype=utf8_dtype(ERROR_MESSAGE_BYTES),
+                       chunks=(ERROR_CHUNK_ROWS,))
+        self._column_crc = {name: crc32(handle[name][...]) for name in CHECKED_COLUMNS}
+        now = _now()
+        root = {**self._attrs, "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "cache_key": self.cache_key,
+                "complete": False, "n": self.n, "dim": self.dim, "store_dtype": self.store_dtype,
+                "split_mapping": SPLIT_MAPPING, COLUMN_CRC32: self._column_crc, "created": now, "updated": now}
+        write_root_attrs(handle, root)
+
+    def _unwritten_block_crcs(self) -> np.ndarray:
+        """The block checksums of a features matrix nothing was written to (NaN fill)."""
+        n_blocks = -(-self.n // ROWS_PER_CHUNK)
+        full = crc32(np.full((min(ROWS_PER_CHUNK, self.n), self.dim), np.nan, self.store_dtype))
+        crcs = np.full(n_blocks, full, dtype=np.uint32)
+        if self.n % ROWS_PER_CHUNK:
+            crcs[-1] = crc32(np.full((self.n % ROWS_PER_CHUNK, self.dim), np.nan, self.store_dtype))
+        return crcs
+
+    def _bytes_needed(self) -> int:
+        """About what the rows not yet done will take on disk (features, plus the fixed columns)."""
+        itemsize = np.dtype(self.store_dtype).itemsize
+        todo = int(self.n - self._done.sum())
+        fixed = 40 * self.n + sum(len(p) for p in self._static["paths"]) + (1 << 20)
+        return todo * self.dim * itemsize + fixed
+
+    def _check_room(self) -> None:
+        """Fail before any work when the cache's file system cannot hold the entry."""
+        free, needed = free_bytes(self.partial_path.parent), self._bytes_needed()
+        if free is not None and free < needed:
+            raise CacheError(
+                f"Not enough room for cache entry {str(self.partial_path)!r}: about {needed / 1e6:.1f} MB needed, "
+                f"{free / 1e6:.1f} MB free. Free some space or pass --cache-dir on a larger disk."
+            )
 
     def _require_open(self) -> None:
         if self._handle is None:
@@ -191,6 +266,9 @@ class StoreWriter:
         return int(self._failed.sum())
 
     # -- writes
+    def _kept(self) -> str:
+        return f"Committed progress is kept in {str(self.partial_path)!r}; rerun the same command to resume."
+
     def write_rows(self, rows: np.ndarray, features: np.ndarray) -> None:
         """Write feature rows (row indices ascending); their done flags land at the next commit."""
         self._require_open()
@@ -200,13 +278,15 @@ class StoreWriter:
         if features.shape != (len(rows), self.dim):
             raise ValueError(f"features shape {features.shape} != ({len(rows)}, {self.dim})")
         if not np.isfinite(features).all():
-            raise ValueError("non-finite features produced; refusing to cache them")
+            raise CacheError(f"The backbone produced NaN or infinite features for rows {rows[:5].tolist()}...; "
+                             f"refusing to cache them. Try --precision fp32.")
         data = features.astype(self.store_dtype, copy=False)
         dset = self._handle["features"]
         # Contiguous runs are written as slices (one HDF5 call each), scattered rows one by one.
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        for run_rows, run_data in zip(np.split(rows, breaks), np.split(data, breaks), strict=False):
-            dset[int(run_rows[0]) : int(run_rows[-1]) + 1] = run_data
+        with named_write_errors(self.partial_path, needed=self._bytes_needed(), kept=self._kept()):
+            for run_rows, run_data in zip(np.split(rows, breaks), np.split(data, breaks), strict=False):
+                dset[int(run_rows[0]) : int(run_rows[-1]) + 1] = run_data
         self._pending_done.append(rows)
 
     def record_errors(self, failures: Iterable[tuple[int, str]]) -> None:
@@ -218,57 +298,92 @@ class StoreWriter:
         group = self._handle["errors"]
         start = group["index"].shape[0]
         stop = start + len(failures)
-        for name in ("index", "path", "message"):
-            group[name].resize((stop,))
-        group["index"][start:stop] = [i for i, _ in failures]
-        group["path"][start:stop] = [self._static["paths"][i] for i, _ in failures]
-        group["message"][start:stop] = [m for _, m in failures]
+        with named_write_errors(self.partial_path, kept=self._kept()):
+            for name in ("index", "path", "message"):
+                group[name].resize((stop,))
+            group["index"][start:stop] = [i for i, _ in failures]
+            group["path"][start:stop] = fixed_utf8([self._static["paths"][i] for i, _ in failures],
+                                                   length=group["path"].dtype.itemsize)
+            group["message"][start:stop] = fixed_utf8([m for _, m in failures], length=ERROR_MESSAGE_BYTES)
+            for name in ("index", "path", "message"):
+                self._column_crc[f"errors/{name}"] = crc32(group[name][...])
         for index, _ in failures:
             self._failed[index] = True
 
     def commit(self) -> None:
         """Make progress durable: data is flushed before the done flags that vouch for it."""
         self._require_open()
-        self._handle.flush()
-        if self._pending_done:
-            rows = np.concatenate(self._pending_done)
-            self._done[rows] = True
-            self._handle["done"][...] = self._done
-            self._pending_done = []
-        self._handle.attrs["updated"] = _now()
-        self._handle.flush()
+        with named_write_errors(self.partial_path, needed=self._bytes_needed(), kept=self._kept()):
+            self._handle.flush()
+            if self._pending_done:
+                rows = np.concatenate(self._pending_done)
+                self._update_block_crcs(np.unique(rows // ROWS_PER_CHUNK))
+                self._done[rows] = True
+                self._handle["done"][...] = self._done
+                self._column_crc["done"] = crc32(self._done)
+                self._pending_done = []
+            write_root_attrs(self._handle, {"updated": _now(), COLUMN_CRC32: self._column_crc})
+            self._handle.flush()
+
+    def _update_block_crcs(self, blocks: np.ndarray) -> None:
+        """Checksum the touched feature blocks as they now read back from the file."""
+        features, checksums = self._handle["features"], self._handle[BLOCK_CRC32]
+        for block in blocks.tolist():
+            begin = block * ROWS_PER_CHUNK
+            checksums[block] = crc32(features[begin:begin + ROWS_PER_CHUNK])
 
     def copy_rows_from(self, source: Path, mapping: dict[int, int]) -> int:
-        """Copy feature rows from another complete entry: ``{our_row: their_row}``."""
+        """Copy feature rows from another complete entry: ``{our_row: their_row}`` (their
+        checksums are verified while reading)."""
         if not mapping:
             return 0
         ours = np.array(sorted(mapping), dtype=np.int64)
         theirs = np.array([mapping[i] for i in ours], dtype=np.int64)
-        with h5py.File(source, "r", locking=False) as other:
+        with open_h5(source) as other:
             check_safe(other, source)
-            order = np.argsort(theirs)
-            data = np.empty((len(ours), self.dim), dtype=other["features"].dtype)
-            data[order] = other["features"][theirs[order]]
-        self.write_rows(ours, data)
+            stored = read_numbers(other["features"], source)
+            verify_feature_blocks(other, source, stored)
+        self.write_rows(ours, stored[theirs])
         self.commit()
         return len(ours)
 
     def finalize(self, extra_attrs: dict[str, Any] | None = None) -> Path:
-        """Mark complete, fsync and atomically move to the final name."""
+        """Mark complete, read everything back (checksums, finite rows), fsync and atomically
+        move to the final name. Nothing is published that does not read back as written.
+
+        Raises:
+            CacheError: a write failed or the data did not read back; the partial stays (its
+                unreadable or non-finite rows are recomputed on the next run).
+        """
         self._require_open()
         self.commit()
-        for key, value in (extra_attrs or {}).items():
-            self._handle.attrs[key] = json_attr(value) if key in JSON_ATTRS else value
-        self._handle.attrs["complete"] = True
-        self._handle.attrs["updated"] = _now()
-        self._handle.flush()
-        self._handle.close()
-        self._handle = None
-        with open(self.partial_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self.partial_path, self.final_path)
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(self.final_path.parent, os.O_RDONLY)
-            os.fsync(dir_fd)
-            os.close(dir_fd)
+        with named_write_errors(self.partial_path, kept=self._kept()):
+            write_root_attrs(self._handle, {**(extra_attrs or {}), "complete": True, "updated": _now()})
+            self._handle.flush()
+            self._handle.close()
+            self._handle = None
+            self._verify_partial()
+            with open(self.partial_path, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self.partial_path, self.final_path)
+        fsync_dir(self.final_path.parent)
         return self.final_path
+
+    def _verify_partial(self) -> None:
+        """Every done row reads back finite through its checksum, and so do the other columns."""
+        try:
+            with open_h5(self.partial_path) as handle:
+                verify_columns(handle, self.partial_path, read_attrs(handle))
+                done = read_numbers(handle["done"], self.partial_path).astype(bool)
+                if not np.array_equal(done, self._done):
+                    raise CorruptEntryError("the done flags did not read back as written")
+                finite, crcs = scan_features(handle["features"], self.partial_path, done)
+                bad = int((done & ~finite).sum())
+                if bad:
+                    raise CorruptEntryError(f"{bad} finished rows read back as NaN or infinite")
+                if not np.array_equal(crcs, read_numbers(handle[BLOCK_CRC32], self.partial_path)):
+                    raise CorruptEntryError("feature blocks did not read back as written")
+                read_errors(handle)
+        except CacheError as exc:
+            raise CacheError(f"The new entry {str(self.partial_path)!r} did not read back as written ({exc}); it "
+                             f"was not published. {self._kept()}") from exc

@@ -69,7 +69,7 @@ class EntryConformance:
 
     def test_plain_h5py_reads_it_as_documented(self, entry):
         with h5py.File(entry, "r") as f:
-            assert f.attrs["format"] == "embedcache" and f.attrs["complete"]
+            assert f.attrs["format"].decode() == "embedcache" and f.attrs["complete"]
             done = f["done"][...]
             assert done.sum() == N - 1
             X = f["features"][...][done]

@@ -29,12 +29,17 @@ def test_rm_refuses_files_that_are_not_entries(tmp_path):
     other.write_text("keep me")
     with pytest.raises(CacheError, match="not a cache entry"):
         remove_entry(other)
-    foreign = tmp_path / "foreign.h5"
+    foreign = tmp_path / "foreign.h5"  # an HDF5 file, but not named like an entry
     with h5py.File(foreign, "w") as f:
         f["x"] = np.zeros(2)
-    with pytest.raises(CacheError, match="not an embedcache entry"):
+    with pytest.raises(CacheError, match="not a cache entry"):
         remove_entry(foreign)
-    assert other.exists() and foreign.exists()
+    named_like_one = tmp_path / "0123456789abcdef.h5"  # named like an entry, readable, not ours
+    with h5py.File(named_like_one, "w") as f:
+        f["x"] = np.zeros(2)
+    with pytest.raises(CacheError, match="not an embedcache entry"):
+        remove_entry(named_like_one)
+    assert other.exists() and foreign.exists() and named_like_one.exists()
 
 
 def test_short_prefix_error_says_how_long_a_prefix_must_be(tmp_path):

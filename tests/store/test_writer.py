@@ -48,7 +48,7 @@ def test_partial_is_refused_unless_asked(tmp_path):
 def test_non_finite_features_are_refused(tmp_path):
     writer = StoreWriter(cache_dir=tmp_path, cache_key=KEY, n=1, dim=2, store_dtype="float16",
                          attrs={}, paths=["x"], labels=[0], splits=[0], file_sizes=[1], file_mtimes_ns=[1])
-    with writer, pytest.raises(ValueError, match="non-finite"):
+    with writer, pytest.raises(CacheError, match="NaN or infinite features"):
         writer.write_rows(np.array([0]), np.array([[np.nan, 1.0]], np.float32))
 
 
