@@ -71,6 +71,22 @@ def resolve_device_type(device: str) -> str:
     return device
 
 
+def check_torch_device(device: str) -> str:
+    """A device string for heads (``cpu``, ``cuda``, ``cuda:1``, ``mps``) that exists here."""
+    kind = str(device).split(":", 1)[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"The 'device' parameter must be cpu, cuda, cuda:N or mps. Got {device!r}.")
+    if kind != "cpu":
+        resolve_device_type(kind)  # raises when that kind of device is not available
+        if kind == "cuda" and ":" in str(device):
+            import torch
+
+            index = str(device).split(":", 1)[1]
+            if not index.isdigit() or int(index) >= torch.cuda.device_count():
+                raise ConfigError(f"device={device!r}: torch sees {torch.cuda.device_count()} CUDA devices.")
+    return str(device)
+
+
 def resolve_device(device: str) -> torch.device:
     """:func:`resolve_device_type` as a ``torch.device``."""
     import torch

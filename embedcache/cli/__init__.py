@@ -11,12 +11,12 @@ usage errors exit with 2; Ctrl-C exits with 130.
 
 from __future__ import annotations
 
-from embedcache.cli import backbones, bench, cache, demo, extract, finetune, probe
+from embedcache.cli import backbones, bench, cache, demo, extract, finetune, probe, verify
 from embedcache.cli.main import main
 
 for _command in (extract.extract_command, cache.ls_command, cache.info_command, cache.rm_command,
                  backbones.backbones_command, probe.probe_command, probe.predict_command, bench.bench_command,
-                 bench.fewshot_command, demo.demo_command, finetune.finetune_command):
+                 bench.fewshot_command, demo.demo_command, finetune.finetune_command, verify.verify_command):
     main.add_command(_command)
 
 __all__ = ["main"]

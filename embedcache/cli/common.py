@@ -119,3 +119,11 @@ def parse_ints(text: str, option: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated ints, got {text!r}", param_hint=option) from None
+
+
+def warn_if_pickle(probe_dir: Path) -> None:
+    """Say, before it is loaded, that a probe's ``probe.joblib`` is a pickle (every time)."""
+    joblib_file = Path(probe_dir) / "probe.joblib"
+    if joblib_file.exists():
+        click.echo(f"warning: {joblib_file} is a joblib file, which is pickle: loading it runs code. Load only "
+                   f"probes you trust (its sha256 is checked against probe.json first).", err=True)

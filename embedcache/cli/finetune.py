@@ -8,7 +8,15 @@ from typing import Any
 
 import click
 
-from embedcache.cli.common import device_option, handle_errors, progress_bar, table, workers_option
+from embedcache.cli.common import (
+    cache_dir_option,
+    device_option,
+    handle_errors,
+    progress_bar,
+    table,
+    warn_if_pickle,
+    workers_option,
+)
 from embedcache.experiments.finetune.config import HEAD_INITS, OPTIMIZERS, SCHEDULES, FinetuneConfig
 from embedcache.runtime import PRECISIONS
 
@@ -57,6 +65,10 @@ _SETTINGS = {f.name for f in dataclasses.fields(FinetuneConfig)}
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory [default: PROBE_DIR-finetuned].")
 @click.option("--restart", is_flag=True, help="Discard the run in --out and start over.")
+@click.option("--allow-unchecked-split", is_flag=True,
+              help="Fine-tune even when the probe's cache entry cannot be found to check that no test image "
+                   "was one of its training rows (the report then says the split is unchecked).")
+@cache_dir_option
 @handle_errors
 def finetune_command(probe_dir: Path, data: str, **options: Any) -> None:
     """Fine-tune the network behind a probe on DATA, starting the head from the probe (LP->FT).
@@ -72,6 +84,7 @@ def finetune_command(probe_dir: Path, data: str, **options: Any) -> None:
     """
     from embedcache.experiments.finetune.run import finetune
 
+    warn_if_pickle(probe_dir)
     config = FinetuneConfig(**{k: v for k, v in options.items() if k in _SETTINGS})
     rest = {k: v for k, v in options.items() if k not in _SETTINGS}
     update, close = progress_bar(postfix=lambda p: f"loss {p.loss:.4f}, {p.images_per_s:.0f} img/s",

@@ -21,5 +21,5 @@ def main() -> None:
       embedcache bench DATA --backbones a,b,pixels   # leaderboard across backbones
       embedcache fewshot ENTRY             # k-shot x seed learning curve in seconds
       embedcache finetune PROBE DATA       # fine-tune the network, head starting from the probe
-      embedcache ls / info ENTRY / rm ENTRY
+      embedcache ls / info ENTRY / verify ENTRY / rm ENTRY
     """

@@ -18,6 +18,7 @@ from embedcache.cli.common import (
     parse_floats,
     progress_bar,
     table,
+    warn_if_pickle,
     workers_option,
 )
 from embedcache.heads.registry import HEADS
@@ -42,7 +43,10 @@ head_option = click.option("--head", type=click.Choice(HEADS), default="torch", 
               help="Hold-out of train used for selection when the cache has no val split.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of that hold-out.")
 @click.option("--no-standardize", is_flag=True, help="Do not standardise features.")
-@click.option("--device", default="cpu", show_default=True, help="Device of the torch head (cpu or cuda).")
+@click.option("--device", default="cpu", show_default=True, help="Device of the torch head (cpu, cuda, cuda:N).")
+@click.option("--max-iter", type=int, default=None,
+              help="Solver iterations at most, for every fit [default: budgets that scale with the data for a "
+                   "sweep; 1000 for a fixed --penalty].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write probe.safetensors|probe.joblib, probe.json, report.json, confusion.png here.")
 @json_option
@@ -67,6 +71,8 @@ def probe_command(entry: str, penalty: float | None, sweep: bool, penalties: str
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
         return
     click.echo(_probe_report(result))
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
 
 
 def _probe_report(result: ProbeResult) -> str:
@@ -113,6 +119,7 @@ def predict_command(probe_dir: Path, paths: tuple[str, ...], top_k: int, out_csv
     """
     from embedcache.experiments.predict import predict
 
+    warn_if_pickle(probe_dir)
     update, close = progress_bar()
     try:
         result = predict(probe_dir, list(paths), top_k=top_k, progress=update, **options)

@@ -1,11 +1,12 @@
-"""Probe artifacts on disk, loading them back, and classifying new images with them.
+"""Probe artifacts on disk and loading them back (the files' integrity: :mod:`.probe_files`).
 
 A probe directory holds:
 
 * ``probe.safetensors`` (torch head: coef, intercept, classes, mean, scale; no pickle) or
   ``probe.joblib`` (sklearn head; joblib is pickle: load only files you trust),
-* ``probe.json``: head, classes and class names, penalty, standardisation, cache key, backbone
-  spec, preprocessing, precision, metrics, versions,
+* ``probe.json``, written last: head, classes and class names, penalty, standardisation, cache
+  key and absolute path, backbone spec, preprocessing, precision, metrics, versions, the
+  validation hold-out, and the sha256 and size of every other file (checked on load),
 * ``report.json`` (the full probe report) and ``confusion.png`` when matplotlib is installed,
 * for a fine-tuned model (``embedcache finetune``): ``backbone.safetensors``, the fine-tuned
   backbone weights, named by ``weights_file`` in probe.json and used by ``predict`` automatically.
@@ -24,13 +25,22 @@ from typing import Any
 import numpy as np
 
 from embedcache.errors import ConfigError, WeightsError
+from embedcache.experiments.probe_files import (
+    check_probe_files,
+    check_tensors,
+    read_meta,
+    record_file,
+    write_probe_dir,
+)
 from embedcache.experiments.reports import save_confusion_png
+from embedcache.fileio import atomic_write
+from embedcache.heads.sklearn_probe import SklearnProbe
 from embedcache.heads.torch_probe import TorchLinearProbe
 from embedcache.models.build import get_backbone
 from embedcache.models.preprocess import PreprocessSpec
 from embedcache.store.fingerprint import software_versions
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
 _COMPARED = ("name", "weights", "weights_sha256", "layer", "pool")
 
 
@@ -41,7 +51,6 @@ def save_probe(result: Any, store: Any, out: Path) -> Path:
     Files are written to temporary names and moved into place, so a crash never leaves a
     half-written probe behind.
     """
-    out.mkdir(parents=True, exist_ok=True)
     est = result.estimator
     meta = {
         "artifact_version": ARTIFACT_VERSION,
@@ -52,7 +61,7 @@ def save_probe(result: Any, store: Any, out: Path) -> Path:
         "class_names": list(store.class_names),
         "n_features": int(est.n_features_in_),
         "cache_key": store.cache_key,
-        "cache_path": str(store.path),
+        "cache_path": str(Path(store.path).resolve()),
         "backbone": store.backbone,
         "preprocess": store.attrs.get("preprocess"),
         "precision": store.attrs.get("precision"),
@@ -71,34 +80,6 @@ def save_probe(result: Any, store: Any, out: Path) -> Path:
                        title=f"{store.backbone.get('name')} + {result.head} probe: "
                              f"test top-1 {result.metrics['top1']:.3f}")
     return out
-
-
-def write_probe_dir(out: Path, meta: dict[str, Any], report: dict[str, Any], *,
-                    tensors: dict[str, Any] | None = None, estimator: Any = None) -> None:
-    """Write probe.safetensors (``tensors``: coef, intercept, classes, mean, scale) or probe.joblib
-    (``estimator``), probe.json and report.json, each staged under a temporary name and moved into
-    place, so a crash never leaves a half-written probe behind."""
-    staged: list[tuple[Path, Path]] = []
-
-    def stage(name: str) -> Path:
-        tmp = out / f".{name}.tmp"
-        staged.append((tmp, out / name))
-        return tmp
-
-    if tensors is not None:
-        from safetensors.numpy import save_file
-
-        arrays = {k: np.ascontiguousarray(v, dtype=np.int64 if k == "classes" else np.float32)
-                  for k, v in tensors.items()}
-        save_file(arrays, str(stage("probe.safetensors")))
-    else:
-        import joblib
-
-        joblib.dump(estimator, stage("probe.joblib"))
-    stage("probe.json").write_text(json.dumps(meta, indent=2))
-    stage("report.json").write_text(json.dumps(report, indent=2))
-    for tmp, final in staged:
-        os.replace(tmp, final)
 
 
 @dataclass
@@ -160,12 +141,10 @@ def save_finetuned(out: Path, head: Any, network: Any, loaded: LoadedProbe, repo
                    image_size: int, precision: str, weights_file: str = "backbone.safetensors") -> None:
     """Write a fine-tuned model as a probe directory: the backbone weights (safetensors), the head
     as a torch probe on raw features, probe.json naming the weights file, and report.json."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in network.state_dict().items()}
-    tmp = out / f".{weights_file}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, out / weights_file)
+    atomic_write(out / weights_file, save(state))
     spec = loaded.metadata["backbone"]
     exported = get_backbone(spec["name"], weights_path=out / weights_file, layer=spec.get("layer"),
                             pool=spec.get("pool") or "avg", image_size=image_size)  # also proves it loads
@@ -178,47 +157,61 @@ def save_finetuned(out: Path, head: Any, network: Any, loaded: LoadedProbe, repo
         "versions": software_versions(),
     }
     dim = head.in_features
-    write_probe_dir(out, meta, report, tensors={
+    write_probe_dir(out, meta, report, files={weights_file: record_file(out / weights_file)}, tensors={
         "coef": head.weight.detach().float().cpu().numpy(), "intercept": head.bias.detach().float().cpu().numpy(),
         "classes": np.asarray(loaded.estimator.classes_), "mean": np.zeros(dim), "scale": np.ones(dim)})
 
 
 def load_probe(path: str | os.PathLike) -> LoadedProbe:
-    """Load a probe directory (or its probe.json). The torch head loads without pickle."""
+    """Load a probe directory (or its probe.json), after checking every file it lists against
+    probe.json (sizes, sha256s, tensor shapes, classes). The torch head loads without pickle; a
+    sklearn head's probe.joblib is checked before it is unpickled (joblib is pickle: load only
+    probes you trust)."""
     path = Path(path)
     directory = path.parent if path.is_file() else path
-    meta_path = directory / "probe.json"
-    if not meta_path.is_file():
-        raise ConfigError(f"No probe at {str(path)!r}: expected a directory with probe.json "
-                          f"(written by `embedcache probe ENTRY --out DIR`).")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"Cannot read probe metadata {str(meta_path)!r} ({exc}).") from exc
-    weights_file = directory / ("probe.safetensors" if meta.get("head") == "torch" else "probe.joblib")
-    if meta.get("head") in ("torch", "sklearn") and not weights_file.is_file():
+    meta = read_meta(directory)
+    head = meta.get("head")
+    if head not in ("torch", "sklearn"):
+        raise ConfigError(f"{str(directory / 'probe.json')!r} names an unknown head {head!r}.")
+    weights_file = directory / ("probe.safetensors" if head == "torch" else "probe.joblib")
+    if not weights_file.is_file():
         raise ConfigError(f"Incomplete probe directory {str(directory)!r}: {weights_file.name} is missing.")
-    if meta.get("head") == "torch":
-        from safetensors.numpy import load_file
+    check_probe_files(directory, meta)
+    estimator = _load_torch_head(weights_file, meta) if head == "torch" else _load_sklearn_head(weights_file, meta)
+    return LoadedProbe(estimator, meta, directory)
 
-        try:
-            tensors = load_file(str(weights_file))
-            est = TorchLinearProbe.from_coefficients(
-                coef=tensors["coef"], intercept=tensors["intercept"], classes=tensors["classes"],
-                mean=tensors["mean"], scale=tensors["scale"], penalty=meta["penalty"],
-                standardize=meta["standardize"])
-        except Exception as exc:  # noqa: BLE001 - corrupt or foreign file: name it, never a traceback
-            raise ConfigError(f"Cannot load probe weights {str(weights_file)!r} ({exc}).") from exc
-    elif meta.get("head") == "sklearn":
-        import joblib
 
-        try:
-            est = joblib.load(weights_file)  # trusted files only: joblib is pickle
-        except Exception as exc:  # noqa: BLE001 - whatever the unpickling raises, name the file
-            raise ConfigError(f"Cannot load probe {str(weights_file)!r} ({exc}).") from exc
-    else:
-        raise ConfigError(f"{meta_path} names an unknown head {meta.get('head')!r}.")
-    return LoadedProbe(est, meta, directory)
+def _load_torch_head(weights_file: Path, meta: dict[str, Any]) -> TorchLinearProbe:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights_file), framework="numpy") as handle:
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - not a dict
+            header = handle.metadata() or {}
+        check_tensors(weights_file, tensors, meta, header)
+        return TorchLinearProbe.from_coefficients(
+            coef=tensors["coef"], intercept=tensors["intercept"], classes=tensors["classes"],
+            mean=tensors["mean"], scale=tensors["scale"], penalty=meta["penalty"], standardize=meta["standardize"])
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt or foreign file: name it, never a traceback
+        raise ConfigError(f"Cannot load probe weights {str(weights_file)!r} ({exc}).") from exc
+
+
+def _load_sklearn_head(weights_file: Path, meta: dict[str, Any]) -> SklearnProbe:
+    import joblib
+
+    try:
+        est = joblib.load(weights_file)  # trusted files only: joblib is pickle (its sha256 was checked)
+    except Exception as exc:  # noqa: BLE001 - whatever the unpickling raises, name the file
+        raise ConfigError(f"Cannot load probe {str(weights_file)!r} ({exc}).") from exc
+    if not isinstance(est, SklearnProbe):
+        raise ConfigError(f"{str(weights_file)!r} holds a {type(est).__name__}, not an embedcache SklearnProbe; "
+                          f"refusing to use it.")
+    if [int(c) for c in np.asarray(est.classes_)] != [int(c) for c in meta.get("classes", [])]:
+        raise ConfigError(f"The classes in probe.json differ from those of {str(weights_file)!r}: the metadata "
+                          f"was edited or belongs to another probe. Re-run `embedcache probe`.")
+    return est
 
 
 def normalise_class_name(name: str) -> str:

@@ -22,7 +22,9 @@ from embedcache.experiments.artifacts import save_probe
 from embedcache.heads.metrics import classification_report
 from embedcache.heads.registry import check_head
 from embedcache.heads.sweep import DEFAULT_PENALTIES, SweepResult, fit_fixed, sweep_and_refit
+from embedcache.heads.torch_probe import check_penalty
 from embedcache.heads.validation import check_features, check_labels
+from embedcache.runtime import check_torch_device
 from embedcache.splits import Split, holdout_splits
 from embedcache.store.entries import resolve_entry
 from embedcache.store.reader import FeatureStore
@@ -107,6 +109,7 @@ class ProbeResult:
     estimator: Any = field(repr=False)
     store_path: str = ""
     artifact_dir: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,6 +125,8 @@ class ProbeResult:
             "fit_seconds": self.fit_seconds,
             "total_seconds": self.total_seconds,
             "cache": self.store_path,
+            "converged": bool(getattr(self.estimator, "converged_", True)),
+            "notes": self.notes,
         }
 
 
@@ -174,6 +179,7 @@ def probe_arrays(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, k
     """The probe protocol on in-memory arrays (features, labels, split codes, stable row keys)."""
     started = time.perf_counter()
     check_head(head)
+    check_torch_device(device)
     features = check_features(features, name="features")
     labels, splits, keys = np.asarray(labels), np.asarray(splits), np.asarray(keys)
     if not len(labels) == len(splits) == len(keys) == len(features):
@@ -193,9 +199,10 @@ def probe_arrays(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, k
             progress(f"sweep: {len(sweep.penalties)} penalties, best {chosen:.3g} "
                      f"(val top-1 {sweep.best_val_accuracy:.4f})")
     else:
-        chosen = float(penalty)
+        chosen = check_penalty("probe", penalty)
         estimator = fit_fixed(X_fit, y_fit, head=head, penalty=chosen, standardize=standardize, device=device,
                               max_iter=max_iter)
+    notes = _notes(sweep, estimator)
     proba = estimator.predict_proba(features[parts.test])
     metrics = classification_report(labels[parts.test], proba, estimator.classes_, class_names=class_names)
     metrics["fit_seconds"] = float(estimator.fit_seconds_)
@@ -203,5 +210,18 @@ def probe_arrays(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, k
         head=head, penalty=chosen, swept=sweep is not None, sweep=sweep, metrics=metrics,
         split_sizes=parts.sizes(), val_source=parts.val_source, val_fraction=parts.val_fraction, seed=seed,
         fit_seconds=float(estimator.fit_seconds_), total_seconds=time.perf_counter() - started,
-        estimator=estimator,
+        estimator=estimator, notes=notes,
     )
+
+
+def _notes(sweep: SweepResult | None, estimator: Any) -> list[str]:
+    """What the user should know about the fit: a choice at the grid's edge, no convergence."""
+    notes = []
+    if sweep is not None and sweep.at_edge:
+        beyond = "stronger (larger)" if sweep.at_edge == "strongest" else "weaker (smaller)"
+        notes.append(f"The best penalty, {sweep.best_penalty:.3g}, is the {sweep.at_edge} value of the grid: the "
+                     f"optimum may lie beyond it. Pass --penalties with {beyond} values to look further.")
+    if sweep is None and not getattr(estimator, "converged_", True):  # sweeps run to documented budgets
+        notes.append(f"The solver stopped after {estimator.n_iter_} iterations without reaching its tolerance; "
+                     f"pass --max-iter with a larger value to solve further.")
+    return notes

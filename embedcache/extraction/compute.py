@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import torch
 
-from embedcache.errors import TooManyErrorsError
 from embedcache.extraction.loop import (
     ImageDataset,
     Progress,
@@ -19,7 +18,7 @@ from embedcache.extraction.loop import (
     row_batches,
     run_batches,
 )
-from embedcache.extraction.options import ExtractStats, RunOptions
+from embedcache.extraction.options import ExtractStats, RunOptions, check_max_errors
 from embedcache.extraction.plan import ExtractionPlan
 from embedcache.models.backbone import Backbone
 from embedcache.store.reader import FeatureStore, find_reusable_entry, reusable_rows
@@ -42,6 +41,8 @@ def compute_entry(plan: ExtractionPlan, bb: Backbone, options: RunOptions,
         reused = _reuse_unchanged_rows(writer, plan) if options.incremental else 0
         batches = row_batches(writer.attempted, options.batch_size)
         loop_seconds = _write_batches(plan, bb, writer, batches, options, progress)
+        # a resumed run counts the failures recorded before it too
+        check_max_errors(writer.n_failed, options, writer.recorded_failures(), plan.source)
         computed = sum(len(b) for b in batches)
         rate = computed / loop_seconds if computed and loop_seconds > 0 else None
         final_path = writer.finalize({"extract_seconds": loop_seconds, "extract_images_per_s": rate or 0.0})
@@ -71,12 +72,7 @@ def _write_batches(plan: ExtractionPlan, bb: Backbone, writer: StoreWriter, batc
         attempted += len(batch.rows) + len(batch.failures)
         if options.max_errors is not None and writer.n_failed > options.max_errors:
             writer.commit()
-            raise TooManyErrorsError(
-                f"{writer.n_failed} images failed to decode, more than max_errors={options.max_errors_text} "
-                f"allows. First failures: "
-                + "; ".join(f"{plan.source.samples[i].path}: {m}" for i, m in batch.failures[:3])
-                + ". Progress is kept: fix or remove the files and rerun, or raise --max-errors."
-            )
+            check_max_errors(writer.n_failed, options, batch.failures, plan.source)
         if (index + 1) % COMMIT_EVERY_BATCHES == 0:
             writer.commit()
         if progress is not None:

@@ -18,13 +18,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from embedcache.errors import ConfigError
-from embedcache.extraction.options import ExtractStats, RunOptions, parse_max_errors
+from embedcache.errors import ConfigError, CorruptEntryError
+from embedcache.extraction.options import (
+    ExtractStats,
+    RunOptions,
+    check_max_errors,
+    parse_max_errors,
+)
 from embedcache.extraction.plan import ExtractionPlan, build_backbone, plan_extraction
+from embedcache.fileio import named_write_errors
 from embedcache.models.backbone import Backbone
 from embedcache.runtime import check_workers
 from embedcache.sources.base import ImageSource
 from embedcache.store.reader import FeatureStore
+from embedcache.store.schema import CORRUPT_SUFFIX, SUFFIX
 
 if TYPE_CHECKING:
     from embedcache.extraction.loop import Progress
@@ -98,22 +105,40 @@ def extract(
                            store_dtype=store_dtype, cache_dir=cache_dir, unlabelled=unlabelled,
                            val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed)
     options = RunOptions(batch_size, workers, parse_max_errors(max_errors, len(plan.source)), max_errors, incremental)
-    if plan.final_path.exists():
-        return _cache_hit(plan, started)
+    warnings: list[str] = []
+    hit = _cache_hit(plan, options, started, warnings)
+    if hit is not None:
+        return hit
     bb, plan = build_backbone(plan)
-    if plan.final_path.exists():  # the remembered identity was stale: the true key is a hit
-        return _cache_hit(plan, started)
+    hit = _cache_hit(plan, options, started, warnings)  # the remembered identity was stale: the true key
+    if hit is not None:
+        return hit
     from embedcache.extraction.compute import (
         compute_entry,  # torch: only when rows must be computed
     )
 
     store, stats = compute_entry(plan, bb, options, progress)
     stats.seconds = time.perf_counter() - started
+    stats.warnings[:0] = warnings
     return ExtractResult(**vars(store), cache_hit=False, stats=stats)
 
 
-def _cache_hit(plan: ExtractionPlan, started: float) -> ExtractResult:
-    store = FeatureStore.open(plan.final_path)
+def _cache_hit(plan: ExtractionPlan, options: RunOptions, started: float, warnings: list[str]) -> ExtractResult | None:
+    """The existing entry, or None when there is none or it failed its checksums (it is then set
+    aside as ``<key16>.h5.corrupt`` and a note added to ``warnings``, so the entry is recomputed).
+    Its recorded failures count against ``max_errors`` as on the run that wrote it."""
+    if not plan.final_path.exists():
+        return None
+    try:
+        store = FeatureStore.open(plan.final_path)
+    except CorruptEntryError as exc:
+        aside = plan.final_path.with_name(plan.final_path.name[: -len(SUFFIX)] + CORRUPT_SUFFIX)
+        with named_write_errors(aside):
+            os.replace(plan.final_path, aside)
+        warnings.append(f"{exc} It was moved to {str(aside)!r} and is computed again.")
+        return None
+    check_max_errors(len(store.errors), options, [(row, message) for row, _path, message in store.errors],
+                     plan.source)
     stats = ExtractStats(n=len(plan.source), failed=len(store.errors), seconds=time.perf_counter() - started,
-                         device=plan.device, precision=plan.precision)
+                         device=plan.device, precision=plan.precision, warnings=warnings)
     return ExtractResult(**vars(store), cache_hit=True, stats=stats)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from embedcache.errors import ConfigError
+from embedcache.errors import ConfigError, TooManyErrorsError
 
 
 @dataclass
@@ -73,3 +73,15 @@ def parse_max_errors(max_errors: float | int | str | None, n: int) -> int | None
             f"The 'max_errors' parameter must be a whole count or a fraction below 1. Got {max_errors!r}."
         )
     return int(value)
+
+
+def check_max_errors(n_failed: int, options: RunOptions, failures: list[tuple[int, str]], source: Any) -> None:
+    """Raise when more images failed than ``max_errors`` allows (also on a rerun or a cache hit:
+    the entry's recorded failures count)."""
+    if options.max_errors is None or n_failed <= options.max_errors:
+        return
+    shown = "; ".join(f"{source.samples[i].path}: {m}" for i, m in failures[:3])
+    raise TooManyErrorsError(
+        f"{n_failed} images failed to decode, more than max_errors={options.max_errors_text} allows. "
+        f"First failures: {shown}. Progress is kept: fix or remove the files and rerun, or raise --max-errors."
+    )

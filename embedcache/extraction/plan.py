@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embedcache.errors import ConfigError
+from embedcache.errors import CacheError, ConfigError
 from embedcache.models.backbone import Backbone, BackboneSpec
 from embedcache.models.catalog import backbone_identity
 from embedcache.runtime import resolve_device_type, resolve_precision
@@ -148,6 +148,9 @@ def plan_extraction(
     if len(source) == 0:
         raise ConfigError(f"The data source {source.description!r} holds no images.")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise CacheError(f"The cache directory {str(cache_dir)!r} is a file, not a directory. Pass --cache-dir DIR "
+                         f"(or set EMBEDCACHE_DIR) to a directory.")
     if isinstance(backbone, Backbone):
         request, built, spec = None, backbone, backbone.identity()
     else:

@@ -79,6 +79,8 @@ class PathFit:
     intercept: np.ndarray
     iterations: int
     seconds: float
+    gradient_max: float
+    converged: bool
 
 
 @dataclass
@@ -151,7 +153,12 @@ class SoftmaxPath:
                                         covariance=self.covariance, memory=self.memory, columns=columns)
         self.state, self.state_rows = state, rows
         coef, intercept = raw_coefficients(state.weights.cpu().numpy(), state.bias.cpu().numpy(), self.mean, self.scale)
-        return PathFit(float(penalty), rows, coef, intercept, iterations, time.perf_counter() - started)
+        gradient = float(torch.cat([(state.data_grad_weights + penalty * state.weights).reshape(-1),
+                                    state.grad_bias]).abs().max())
+        # stopping before max_iter with a larger gradient means no step could lower the loss at
+        # this floating-point resolution: as converged as this arithmetic allows
+        return PathFit(float(penalty), rows, coef, intercept, iterations, time.perf_counter() - started,
+                       gradient, gradient <= tol or iterations < max_iter)
 
     def _start_state(self, rows: int, data: torch.Tensor, target: torch.Tensor,
                      columns: torch.Tensor | None) -> SoftmaxState:

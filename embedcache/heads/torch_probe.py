@@ -54,7 +54,8 @@ class TorchLinearProbe(LinearClassifierMixin, ClassifierMixin, BaseEstimator):
 
     Attributes:
         classes_, coef_ (n_classes, n_features), intercept_ (n_classes,), mean_, scale_,
-        n_iter_ (L-BFGS iterations), fit_seconds_, n_features_in_.
+        n_iter_ (L-BFGS iterations), converged_ (the gradient reached ``tol`` before
+        ``max_iter``), fit_seconds_, n_features_in_.
     """
 
     def __init__(self, penalty: float = 1e-4, *, standardize: bool = True, max_iter: int = 200,
@@ -83,19 +84,21 @@ class TorchLinearProbe(LinearClassifierMixin, ClassifierMixin, BaseEstimator):
         solution = path.fit(penalty, max_iter=self.max_iter, tol=self.tol)
         self.classes_, self.mean_, self.scale_ = path.classes, path.mean, path.scale
         self.coef_, self.intercept_, self.n_iter_ = solution.coef, solution.intercept, solution.iterations
+        self.converged_ = bool(solution.converged)
         self.fit_seconds_ = time.perf_counter() - started
         return self
 
     @classmethod
     def from_coefficients(cls, *, coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray,
                           mean: np.ndarray | None = None, scale: np.ndarray | None = None,
-                          n_iter: int = 0, fit_seconds: float = 0.0, **params: Any) -> TorchLinearProbe:
+                          n_iter: int = 0, fit_seconds: float = 0.0, converged: bool = True,
+                          **params: Any) -> TorchLinearProbe:
         """A fitted probe from a solution on raw features (a saved artifact, or a sweep's refit).
 
         Args:
             coef: ``(n_classes, n_features)``; intercept: ``(n_classes,)``; classes: their labels.
             mean, scale: the standardisation the solution was found with (zeros/ones if None).
-            n_iter, fit_seconds: solver statistics to report.
+            n_iter, fit_seconds, converged: solver statistics to report.
             params: constructor parameters (penalty, standardize, ...).
         """
         probe = cls(**params)
@@ -105,4 +108,5 @@ class TorchLinearProbe(LinearClassifierMixin, ClassifierMixin, BaseEstimator):
         probe.mean_ = np.zeros(coef.shape[1], np.float32) if mean is None else np.asarray(mean, np.float32)
         probe.scale_ = np.ones(coef.shape[1], np.float32) if scale is None else np.asarray(scale, np.float32)
         probe.n_features_in_, probe.n_iter_, probe.fit_seconds_ = coef.shape[1], int(n_iter), float(fit_seconds)
+        probe.converged_ = converged
         return probe

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from embedcache.errors import DecodeError
 from embedcache.sources.decode import decode_image
 from embedcache.splits import SPLIT_NAMES, Split
 
@@ -111,13 +112,22 @@ class ImageSource(abc.ABC):
 
 
 class FileSource(ImageSource):
-    """Images stored as files under ``root`` (folder, CSV and file-list sources)."""
+    """Images stored as files under ``root`` (folder, CSV and file-list sources).
+
+    Attributes:
+        problems: ``{path: reason}`` of samples that cannot be read as named (a dangling symlink,
+            a symlink out of the root, a name that is not UTF-8): their decoding fails with it.
+    """
 
     def __init__(self, *, kind: str, root: str, samples: list[Sample], class_names: list[str],
-                 description: str) -> None:
+                 description: str, problems: dict[str, str] | None = None) -> None:
         super().__init__(root=root, samples=samples, class_names=class_names,
                          description=description)
         self.kind = kind
+        self.problems = dict(problems or {})
 
     def load_image(self, index: int) -> Image.Image:
-        return decode_image(os.path.join(self.root, *self.samples[index].path.split("/")))
+        path = self.samples[index].path
+        if path in self.problems:
+            raise DecodeError(self.problems[path])
+        return decode_image(os.path.join(self.root, *path.split("/")))

@@ -8,6 +8,7 @@ absolute paths, ``..`` and symlinks out of that folder are refused.
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import posixpath
 from pathlib import Path
@@ -38,14 +39,52 @@ def _walk_images(top: str) -> list[str]:
     return found
 
 
-def _file_sample(root: str, path: str, label: int, split: int) -> Sample:
-    stat = os.stat(path)
+def printable(text: str) -> str:
+    """A name as valid UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogates) are
+    shown as ``\\xNN`` escapes."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def _file_sample(root: str, path: str, label: int, split: int, problems: dict[str, str]) -> Sample:
+    """The sample of one file; a file that cannot be used as it is named (a dangling symlink,
+    a symlink loop, a symlink out of the root, a name that is not UTF-8) becomes a sample whose
+    decoding fails with that reason, so it is recorded and skipped like an undecodable image."""
     rel = Path(os.path.relpath(path, root)).as_posix()
-    return Sample(rel, label, int(split), stat.st_size, stat.st_mtime_ns)
+    shown = printable(rel)
+    problem = None
+    if shown != rel:
+        problem = "the file name is not valid UTF-8 (shown escaped); rename the file to include it"
+    elif os.path.islink(path):
+        problem = _symlink_problem(path, root)
+    if problem is None:
+        try:
+            stat = os.stat(path)
+        except OSError as exc:
+            problem = f"cannot read file ({exc.strerror or exc})"
+        else:
+            return Sample(rel, label, int(split), stat.st_size, stat.st_mtime_ns)
+    problems[shown] = problem
+    return Sample(shown, label, int(split), 0, 0)
+
+
+def _symlink_problem(path: str, root: str) -> str | None:
+    """Why a symlinked image cannot be read (None when it points to a file inside the root)."""
+    try:
+        target = os.path.realpath(path, strict=True)
+    except OSError as exc:
+        return "symlink loop" if exc.errno == errno.ELOOP else "dangling symlink (its target does not exist)"
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([target, real_root]) != real_root:
+        return f"symlink points outside the data root (to {printable(target)!r}); refused"
+    return None
 
 
 def scan_folder(root: str | os.PathLike, *, unlabelled: bool | None = None) -> FileSource:
     """Read an image folder: ``ROOT/<class>/...``, ``ROOT/<split>/<class>/...`` or unlabelled.
+
+    Files that cannot be used as named (dangling or looping symlinks, symlinks out of ROOT,
+    names that are not UTF-8) are kept as samples that fail to decode with the reason, so that
+    extraction records and skips them like undecodable images.
 
     Args:
         root: the folder.
@@ -58,46 +97,52 @@ def scan_folder(root: str | os.PathLike, *, unlabelled: bool | None = None) -> F
     with os.scandir(root) as entries:
         entries = [e for e in entries if not _is_hidden(e.name)]
     dirs = sorted(e.name for e in entries if e.is_dir())
-    top_images = [e.name for e in entries if e.is_file() and _is_image_name(e.name)]
-    split_dirs = [d for d in dirs if d.lower() in SPLIT_ALIASES]
+    top_images = [e.name for e in entries if _is_image_name(e.name) and not e.is_dir()]
     if unlabelled is None:
         unlabelled = bool(top_images) and not dirs
+    problems: dict[str, str] = {}
     if unlabelled:
-        files = sorted(_walk_images(root))
-        samples = sorted((_file_sample(root, f, -1, Split.UNSPLIT) for f in files),
-                         key=lambda s: s.path)
-        _require_images(samples, root)
-        return FileSource(kind="folder", root=root, samples=samples, class_names=[],
-                          description=describe_source("unlabelled folder", root, [], len(samples)))
-    if top_images:
-        raise DataSourceError(
-            f"Image folder {root!r} has image files at the top level ({top_images[0]!r}, ...) "
-            f"{'and class folders ' + repr(dirs[:3]) if dirs else 'but no class folders'}. "
-            f"Pass unlabelled=True (--unlabelled) to read every image without labels, or move "
-            f"the images into ROOT/<class>/."
-        )
-    if split_dirs and len(split_dirs) != len(dirs):
-        others = [d for d in dirs if d not in split_dirs]
-        raise DataSourceError(
-            f"Image folder {root!r} mixes split folders {split_dirs} with other folders "
-            f"{others[:5]}. Use either ROOT/<class>/... or ROOT/{{train,val,test}}/<class>/...."
-        )
-    groups = [(os.path.join(root, d), SPLIT_ALIASES[d.lower()]) for d in split_dirs] or [
-        (root, Split.UNSPLIT)
-    ]
+        samples = [_file_sample(root, f, -1, Split.UNSPLIT, problems) for f in _walk_images(root)]
+        return _folder_source("unlabelled folder", root, samples, [], problems)
+    _check_layout(root, top_images, dirs)
+    split_dirs = [d for d in dirs if d.lower() in SPLIT_ALIASES]
+    groups = [(os.path.join(root, d), SPLIT_ALIASES[d.lower()]) for d in split_dirs] or [(root, Split.UNSPLIT)]
     found: list[tuple[str, str, int]] = []  # (file, class, split)
     for parent, split in groups:
         with os.scandir(parent) as entries:
             class_dirs = [e.name for e in entries if e.is_dir() and not _is_hidden(e.name)]
         for name in class_dirs:
-            found.extend((f, name, split) for f in _walk_images(os.path.join(parent, name)))
+            found.extend((f, printable(name), split) for f in _walk_images(os.path.join(parent, name)))
     class_names = sorted({name for _, name, _ in found})
     index = {name: i for i, name in enumerate(class_names)}
-    samples = sorted((_file_sample(root, f, index[c], s) for f, c, s in found),
-                     key=lambda s: s.path)
+    samples = [_file_sample(root, f, index[c], s, problems) for f, c, s in found]
+    return _folder_source("folder", root, samples, class_names, problems)
+
+
+def _check_layout(root: str, top_images: list[str], dirs: list[str]) -> None:
+    """Refuse folders that are neither class folders nor split folders of class folders."""
+    if top_images:
+        raise DataSourceError(
+            f"Image folder {root!r} has image files at the top level ({printable(top_images[0])!r}, ...) "
+            f"{'and class folders ' + repr([printable(d) for d in dirs[:3]]) if dirs else 'but no class folders'}. "
+            f"Pass unlabelled=True (--unlabelled) to read every image without labels, or move "
+            f"the images into ROOT/<class>/."
+        )
+    split_dirs = [d for d in dirs if d.lower() in SPLIT_ALIASES]
+    if split_dirs and len(split_dirs) != len(dirs):
+        others = [printable(d) for d in dirs if d not in split_dirs]
+        raise DataSourceError(
+            f"Image folder {root!r} mixes split folders {split_dirs} with other folders "
+            f"{others[:5]}. Use either ROOT/<class>/... or ROOT/{{train,val,test}}/<class>/...."
+        )
+
+
+def _folder_source(kind: str, root: str, samples: list[Sample], class_names: list[str],
+                   problems: dict[str, str]) -> FileSource:
+    samples = sorted(samples, key=lambda s: s.path)
     _require_images(samples, root)
     return FileSource(kind="folder", root=root, samples=samples, class_names=class_names,
-                      description=describe_source("folder", root, class_names, len(samples)))
+                      description=describe_source(kind, root, class_names, len(samples)), problems=problems)
 
 
 def _require_images(samples: list[Sample], where: str) -> None:
@@ -139,7 +184,7 @@ def read_csv_manifest(csv_path: str | os.PathLike) -> FileSource:
     has_split = any(split for _, _, _, split in entries)
     class_names = sorted({label for _, _, label, _ in entries if label})
     index = {name: i for i, name in enumerate(class_names)}
-    samples, seen = [], {}
+    samples, seen, problems = [], {}, {}
     for number, raw, label, split_text in entries:
         where = f"CSV manifest {csv_path!r} row {number}"
         rel = _safe_relative(raw, root, real_root, where)
@@ -156,11 +201,11 @@ def read_csv_manifest(csv_path: str | os.PathLike) -> FileSource:
         full = os.path.join(root, *rel.split("/"))
         if not os.path.isfile(full):
             raise DataSourceError(f"{where}: file {rel!r} does not exist (looked at {full!r}).")
-        samples.append(_file_sample(root, full, index[label] if label else -1, split))
+        samples.append(_file_sample(root, full, index[label] if label else -1, split, problems))
     samples.sort(key=lambda s: s.path)
     _require_images(samples, csv_path)
     return FileSource(kind="csv", root=root, samples=samples, class_names=class_names,
-                      description=describe_source("csv", csv_path, class_names, len(samples)))
+                      description=describe_source("csv", csv_path, class_names, len(samples)), problems=problems)
 
 
 def _safe_relative(raw: str, root: str, real_root: str, where: str) -> str:

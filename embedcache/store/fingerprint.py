@@ -3,7 +3,8 @@
 IN the key (see :func:`config_payload`):
     format_version, backbone name, weights tag, weights content sha256, layer, pool,
     preprocessing spec, resolved precision, store dtype, decoder version, manifest sha256
-    (sorted relative path, size, mtime_ns, label, split), torch and torchvision major.minor.
+    (sorted relative path, size, mtime_ns, label, split), torch, torchvision and Pillow
+    major.minor.
 
 NOT in the key (:data:`NOT_IN_KEY`): they change speed or location, never the numbers we promise.
 Same key => reuse; any change => a new entry, never a stale hit.
@@ -26,6 +27,9 @@ NOT_IN_KEY = {
     "cache_dir": "where the entry lives is not what it holds",
     "dataset_root": "paths are stored relative to the root, so a moved dataset is the same entry",
 }
+#: Libraries whose major.minor is in the key: the model kernels (torch, torchvision) and the
+#: decoder and resizer of every image (Pillow).
+KEY_PACKAGES = ("torch", "torchvision", "Pillow")
 #: Libraries whose full versions are recorded with stored numbers and artifacts (provenance).
 RECORDED_PACKAGES = ("embedcache", "torch", "torchvision", "Pillow", "scikit-learn", "h5py")
 
@@ -47,7 +51,7 @@ def _major_minor(version: str) -> str:
 def library_versions() -> dict[str, str]:
     """Major.minor of the libraries whose kernels produce the numbers (read from package
     metadata: nothing is imported)."""
-    return {name: _major_minor(package_version(name)) for name in ("torch", "torchvision")}
+    return {name: _major_minor(package_version(name)) for name in KEY_PACKAGES}
 
 
 def software_versions() -> dict[str, str]:

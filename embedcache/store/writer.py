@@ -265,6 +265,11 @@ class StoreWriter:
     def n_failed(self) -> int:
         return int(self._failed.sum())
 
+    def recorded_failures(self) -> list[tuple[int, str]]:
+        """``(row, message)`` of every failure recorded so far (this run's and earlier runs')."""
+        self._require_open()
+        return [(row, message) for row, _path, message in read_errors(self._handle)]
+
     # -- writes
     def _kept(self) -> str:
         return f"Committed progress is kept in {str(self.partial_path)!r}; rerun the same command to resume."

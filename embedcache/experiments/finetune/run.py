@@ -103,6 +103,7 @@ def finetune(probe: str | os.PathLike, data: str | os.PathLike, config: Finetune
              out: str | os.PathLike | None = None, device: str = "auto", workers: int | None = None,
              weights_path: str | os.PathLike | None = None, val_fraction: float = 0.0,
              test_fraction: float = 0.2, split_seed: int = 0, restart: bool = False,
+             cache_dir: str | os.PathLike | None = None, allow_unchecked_split: bool = False,
              log: Callable[[str], None] | None = None,
              progress: Callable[[EpochProgress], None] | None = None, **settings: Any) -> FinetuneResult:
     """Fine-tune the network behind a probe on ``data``; resume ``out`` if it holds the same run.
@@ -119,13 +120,18 @@ def finetune(probe: str | os.PathLike, data: str | os.PathLike, config: Finetune
         workers: decoding processes (default: cores - 1).
         weights_path: the local weights file, when the probe's backbone was built from one.
         restart: discard a previous run in ``out`` and start over.
+        cache_dir: where to look for the probe's cache entry (by key) when it is not at the
+            absolute path the probe recorded; its rows are compared with DATA's test rows.
+        allow_unchecked_split: go on when the probe's cache entry cannot be found (the test
+            rows are then not checked against the probe's training rows; the report says so).
         log: called with lines to show (the model summary, one line per epoch).
         progress: called after every training batch.
         settings: fields of :class:`FinetuneConfig` to override (``epochs=3, unfreeze="last:2"``).
     """
     setup = _resolve(probe, data, (config or FinetuneConfig()).with_settings(**settings), out=out, device=device,
                      workers=workers, weights_path=weights_path, val_fraction=val_fraction,
-                     test_fraction=test_fraction, split_seed=split_seed)
+                     test_fraction=test_fraction, split_seed=split_seed,
+                     split_check={"cache_dir": cache_dir, "allow_unchecked_split": bool(allow_unchecked_split)})
     setup.out.mkdir(parents=True, exist_ok=True)
     lock = EntryLock(setup.out / ".finetune.lock")
     try:
@@ -142,7 +148,7 @@ def finetune(probe: str | os.PathLike, data: str | os.PathLike, config: Finetune
 def _resolve(probe: str | os.PathLike, data: str | os.PathLike, config: FinetuneConfig, *,
              out: str | os.PathLike | None, device: str, workers: int | None,
              weights_path: str | os.PathLike | None, val_fraction: float, test_fraction: float,
-             split_seed: int) -> RunSetup:
+             split_seed: int, split_check: dict[str, Any]) -> RunSetup:
     config = config.resolved()
     workers = check_workers(workers)
     loaded = load_probe(probe)
@@ -154,7 +160,8 @@ def _resolve(probe: str | os.PathLike, data: str | os.PathLike, config: Finetune
     dev = resolve_device(device)
     precision = training_precision(config.precision, dev)
     bb = rebuild_backbone(loaded, weights_path)
-    prepared = open_data(data, loaded, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed)
+    prepared = open_data(data, loaded, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
+                         **split_check)
     key = run_key(config, loaded, prepared.source, fmt=FORMAT, version=FORMAT_VERSION)
     return RunSetup(config, loaded, bb, prepared, out, key, dev, precision, workers)
 

@@ -23,6 +23,7 @@ from embedcache.sources.base import ImageSource
 from embedcache.sources.open import open_source
 from embedcache.store.fingerprint import sha256_json
 from embedcache.store.reader import row_keys
+from embedcache.store.schema import default_cache_dir, entry_paths
 
 #: Files of a probe directory that identify it (their contents go into the run key).
 PROBE_FILES = ("probe.json", "probe.safetensors", "probe.joblib", "backbone.safetensors")
@@ -80,9 +81,15 @@ def _head_labels(source: ImageSource, loaded: LoadedProbe) -> np.ndarray:
 
 
 def open_data(data: Any, loaded: LoadedProbe, *, val_fraction: float, test_fraction: float,
-              split_seed: int) -> FinetuneData:
+              split_seed: int, cache_dir: str | os.PathLike | None = None,
+              allow_unchecked_split: bool = False) -> FinetuneData:
     """The source (split like extract with the given fractions), its labels mapped to the probe's
-    head columns, and disjoint train/val/test rows (val held out exactly as the probe did)."""
+    head columns, and disjoint train/val/test rows (val held out exactly as the probe did).
+
+    The test rows are checked against the rows the probe was fitted on, read from its cache entry
+    (found by the absolute path the probe recorded, else by its key in ``cache_dir``). When the
+    entry cannot be found, fine-tuning is refused unless ``allow_unchecked_split``: its test
+    score could otherwise be inflated without anyone knowing."""
     source = open_source(data, unlabelled=False, val_fraction=val_fraction, test_fraction=test_fraction,
                          split_seed=split_seed)
     labels = _head_labels(source, loaded)
@@ -90,19 +97,37 @@ def open_data(data: Any, loaded: LoadedProbe, *, val_fraction: float, test_fract
     keys = np.array([s.path for s in source.samples])
     holdout, seed = probe_holdout(loaded)
     split = split_for_probe(labels, splits, keys, val_fraction=holdout, seed=seed)
-    return FinetuneData(source, labels, split, _check_against_probe_cache(loaded, keys, split))
+    entry = _probe_entry(loaded, cache_dir)
+    if entry is None:
+        if not allow_unchecked_split:
+            raise DataSourceError(
+                f"Cannot check the test images against the probe's training rows: its cache entry "
+                f"{str(loaded.metadata.get('cache_key', '?'))[:16]} is not at {loaded.metadata.get('cache_path')!r} "
+                f"nor in the cache directory {str(cache_dir or default_cache_dir())!r}. Pass --cache-dir DIR where it "
+                f"is, or --allow-unchecked-split to fine-tune without the check (the report then says so)."
+            )
+        return FinetuneData(source, labels, split, "UNCHECKED: the probe's cache entry was not found, so test images "
+                            "were not compared with its training rows (allow_unchecked_split)")
+    return FinetuneData(source, labels, split, _check_against_probe_cache(entry, keys, split))
 
 
-def _check_against_probe_cache(loaded: LoadedProbe, keys: np.ndarray, split: ProbeSplit) -> str:
+def _probe_entry(loaded: LoadedProbe, cache_dir: str | os.PathLike | None) -> Path | None:
+    """The probe's cache entry: at its recorded path, else by key in ``cache_dir``."""
+    recorded = loaded.metadata.get("cache_path")
+    if recorded and Path(recorded).is_absolute() and Path(recorded).is_file():
+        return Path(recorded)
+    key = loaded.metadata.get("cache_key")
+    if key:
+        candidate = entry_paths(Path(cache_dir) if cache_dir is not None else default_cache_dir(), key)[0]
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _check_against_probe_cache(entry: Path, keys: np.ndarray, split: ProbeSplit) -> str:
     """Refuse test images the probe trained on; note when the test split differs from the probe's."""
-    path = loaded.metadata.get("cache_path")
-    if not path or not Path(path).is_file():
-        return "probe's cache not found: could not compare splits"
-    try:
-        paths, cache_splits = row_keys(path)  # only the keys: the features are not needed here
-        cache_keys = np.asarray(paths).astype(str)
-    except Exception as exc:  # noqa: BLE001 - the check is a safeguard, not a requirement
-        return f"probe's cache unreadable ({exc.__class__.__name__}): could not compare splits"
+    paths, cache_splits = row_keys(entry)  # only the keys (checksums verified): no features read
+    cache_keys = np.asarray(paths).astype(str)
     test = set(keys[split.test].astype(str).tolist())
     fitted = set(cache_keys[cache_splits <= 1].tolist())
     leaked = test & fitted

@@ -1,0 +1,134 @@
+"""A probe directory written as a unit and checked as one.
+
+The weights file (``probe.safetensors``, ``probe.joblib``, a fine-tuned ``backbone.safetensors``)
+and ``report.json`` are written first, each to a fresh temporary name and renamed into place;
+``probe.json`` is written last and records the sha256 and size of every other file (and the
+tensor shapes). Loading checks them before anything is used, so a crash between two renames, a
+swapped or symlinked weights file, or a ``probe.json`` that no longer matches its weights is
+refused with a named error instead of being used. A ``probe.joblib`` is checked before it is
+unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedcache.errors import ConfigError
+from embedcache.fileio import atomic_write, named_write_errors
+
+#: The manifest: written last, it vouches for the other files.
+META = "probe.json"
+REPORT = "report.json"
+#: Key of probe.json listing ``{file: {"sha256": ..., "bytes": ...}}``.
+FILES_KEY = "files"
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _record(path: Path, data: bytes) -> dict[str, Any]:
+    atomic_write(path, data)
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def tensors_bytes(tensors: dict[str, Any], meta: dict[str, Any]) -> tuple[bytes, dict[str, list[int]]]:
+    """safetensors bytes of ``tensors`` (classes int64, the rest float32) with the classes and
+    class names also in the file's own metadata; and the shapes, for probe.json."""
+    from safetensors.numpy import save
+
+    arrays = {k: np.ascontiguousarray(v, dtype=np.int64 if k == "classes" else np.float32) for k, v in tensors.items()}
+    header = {"classes": json.dumps([int(c) for c in arrays["classes"]]),
+              "class_names": json.dumps(list(meta.get("class_names", [])))} if "classes" in arrays else {}
+    return save(arrays, metadata=header), {k: list(v.shape) for k, v in arrays.items()}
+
+
+def write_probe_dir(out: Path, meta: dict[str, Any], report: dict[str, Any], *,
+                    tensors: dict[str, Any] | None = None, estimator: Any = None,
+                    files: dict[str, dict[str, Any]] | None = None) -> None:
+    """Write probe.safetensors (``tensors``) or probe.joblib (``estimator``), report.json, and
+    last probe.json with the sha256 of each (plus any already written ``files``, such as a
+    fine-tuned backbone)."""
+    with named_write_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+    listed = dict(files or {})
+    meta = dict(meta)
+    if tensors is not None:
+        data, meta["tensor_shapes"] = tensors_bytes(tensors, meta)
+        listed["probe.safetensors"] = _record(out / "probe.safetensors", data)
+    else:
+        import joblib
+
+        buffer = io.BytesIO()
+        joblib.dump(estimator, buffer)
+        listed["probe.joblib"] = _record(out / "probe.joblib", buffer.getvalue())
+    listed[REPORT] = _record(out / REPORT, json.dumps(report, indent=2).encode())
+    meta[FILES_KEY] = listed
+    atomic_write(out / META, json.dumps(meta, indent=2).encode())
+
+
+def record_file(path: Path) -> dict[str, Any]:
+    """The manifest record of a file written separately (checked by :func:`check_probe_files`)."""
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def check_probe_files(directory: Path, meta: dict[str, Any]) -> None:
+    """Every file probe.json lists: a plain file (not a symlink), of the recorded size and sha256.
+
+    Raises:
+        ConfigError: naming the file and what is wrong with it.
+    """
+    for name, record in (meta.get(FILES_KEY) or {}).items():
+        path = directory / name
+        if Path(name).name != name:
+            raise ConfigError(f"{str(directory / META)!r} lists {name!r}, which is not a file of the directory.")
+        if not path.exists() and not path.is_symlink():
+            raise ConfigError(f"Incomplete probe directory {str(directory)!r}: {name} is missing.")
+        if path.is_symlink() or not path.is_file():
+            raise ConfigError(f"{str(path)!r} is a symlink or not a regular file; a probe's files must be its own. "
+                              f"Re-run `embedcache probe ... --out {directory}`.")
+        if path.stat().st_size != record.get("bytes") or sha256_file(path) != record.get("sha256"):
+            raise ConfigError(
+                f"{str(path)!r} does not match {META} (size or sha256 differs): the probe directory is "
+                f"inconsistent (an interrupted write, or a file swapped in from elsewhere). Re-run "
+                f"`embedcache probe ... --out {directory}`."
+            )
+
+
+def check_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, Any], header: dict[str, str]) -> None:
+    """The loaded tensors agree with probe.json: shapes, classes and class names."""
+    shapes = meta.get("tensor_shapes")
+    if shapes is not None and {k: list(v.shape) for k, v in tensors.items()} != shapes:
+        raise ConfigError(f"{str(path)!r} holds tensors of other shapes than {META} records.")
+    if "classes" in tensors and [int(c) for c in tensors["classes"]] != [int(c) for c in meta.get("classes", [])]:
+        raise ConfigError(f"The classes in {META} differ from those in {str(path)!r}: the metadata was edited "
+                          f"or belongs to another probe. Re-run `embedcache probe`.")
+    if "class_names" in header and json.loads(header["class_names"]) != list(meta.get("class_names", [])):
+        raise ConfigError(f"The class names in {META} differ from those recorded in {str(path)!r}: the metadata "
+                          f"was edited or belongs to another probe. Re-run `embedcache probe`.")
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """probe.json of a probe directory, parsed."""
+    meta_path = directory / META
+    if not meta_path.is_file():
+        raise ConfigError(f"No probe at {str(directory)!r}: expected a directory with {META} "
+                          f"(written by `embedcache probe ENTRY --out DIR`).")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"Cannot read probe metadata {str(meta_path)!r} ({exc}).") from exc
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{str(meta_path)!r} is not a probe's metadata (not a JSON object).")
+    return meta
