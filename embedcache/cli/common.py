@@ -42,6 +42,11 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except EmbedcacheError as exc:
             raise click.ClickException(str(exc)) from exc
+        except MemoryError:
+            raise click.ClickException("Out of memory. Use a smaller --batch-size or --image-size, or fewer "
+                                       "--workers.") from None
+        except OSError as exc:  # the last resort: what no library call named for us
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
         except KeyboardInterrupt:
             click.echo("\nInterrupted. Progress so far is kept; rerun the same command to resume.", err=True)
             sys.exit(130)

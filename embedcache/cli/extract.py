@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 @click.option("--layer", default=None, help="Intermediate graph node to read instead of the penultimate features.")
 @click.option("--pool", type=click.Choice(POOLS), default="avg", show_default=True, help="Pooling of --layer's output.")
 @click.option("--image-size", type=int, default=None,
-              help="Model input size in pixels (default: the backbone's).")
+              help="Model input size in pixels, 8-2048 (default: the backbone's).")
 @batch_size_option
 @workers_option
 @device_option

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -141,11 +142,14 @@ def predict_command(probe_dir: Path, paths: tuple[str, ...], top_k: int, out_csv
 
 
 def _write_predictions(result: PredictResult, out_csv: Path, top_k: int) -> None:
-    with open(out_csv, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "true"] + [f"{kind}{i + 1}" for i in range(top_k) for kind in ("pred", "prob")])
-        for r in result.rows:
-            cells = [r.path, r.true or ""]
-            for label, prob in zip(r.pred, r.prob, strict=True):
-                cells += [label, f"{prob:.6f}"]
-            writer.writerow(cells)
+    from embedcache.fileio import atomic_write
+
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["path", "true"] + [f"{kind}{i + 1}" for i in range(top_k) for kind in ("pred", "prob")])
+    for r in result.rows:
+        cells = [r.path, r.true or ""]
+        for label, prob in zip(r.pred, r.prob, strict=True):
+            cells += [label, f"{prob:.6f}"]
+        writer.writerow(cells)
+    atomic_write(out_csv, text.getvalue().encode("utf-8"))

@@ -1,4 +1,5 @@
-"""Reports and plots: leaderboard and few-shot tables (JSON, CSV, Markdown) and the PNGs.
+"""Reports and plots: leaderboard and few-shot tables (JSON, CSV, Markdown) and the PNGs, each
+written as a unit (:func:`~embedcache.fileio.atomic_write`).
 
 matplotlib is an optional extra: without it every PNG is skipped (:func:`pyplot` returns None).
 """
@@ -6,11 +7,14 @@ matplotlib is an optional extra: without it every PNG is skipped (:func:`pyplot`
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from embedcache.fileio import atomic_write, named_write_errors
 
 
 def pyplot() -> Any:
@@ -24,6 +28,13 @@ def pyplot() -> Any:
     except ImportError:
         return None
     return plt
+
+
+def _save_figure(fig: Any, path: str | Path, *, dpi: int) -> None:
+    """A figure as PNG, written through :func:`~embedcache.fileio.atomic_write`."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write(Path(path), buffer.getvalue())
 
 
 def save_confusion_png(report: dict[str, Any], path: str, *, title: str = "") -> bool:
@@ -50,7 +61,7 @@ def save_confusion_png(report: dict[str, Any], path: str, *, title: str = "") ->
                             color="white" if normalised[i, j] > 0.5 else "black")
     ax.set_title(title or f"top-1 {report['top1']:.3f}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path, dpi=120)
     plt.close(fig)
     return True
 
@@ -72,7 +83,7 @@ def save_curve_png(report: dict[str, Any], path: str) -> bool:
     ax_acc.legend()
     fig.suptitle(f"fine-tune from {report['config']['head_init']} head, unfreeze {report['config']['unfreeze']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
 
@@ -94,18 +105,20 @@ def leaderboard_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]
 
 def write_leaderboard(report: dict[str, Any], out: Path) -> list[Path]:
     """leaderboard.json, .csv, .md, and .png when matplotlib is installed."""
-    out.mkdir(parents=True, exist_ok=True)
+    with named_write_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
     written = [out / "leaderboard.json", out / "leaderboard.csv", out / "leaderboard.md"]
-    written[0].write_text(json.dumps(report, indent=2))
-    with open(written[1], "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(report["rows"][0]))
-        writer.writeheader()
-        writer.writerows(report["rows"])
+    atomic_write(written[0], json.dumps(report, indent=2).encode())
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(report["rows"][0]))
+    writer.writeheader()
+    writer.writerows(report["rows"])
+    atomic_write(written[1], text.getvalue().encode())
     headers, cells = leaderboard_table(report)
     lines = [f"Linear-probe leaderboard on `{report['data']}` ({report['head']} head)", "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
-    written[2].write_text("\n".join(lines) + "\n")
+    atomic_write(written[2], ("\n".join(lines) + "\n").encode())
     if bar_chart([r["backbone"] for r in report["rows"]], [r["test_top1"] for r in report["rows"]],
                   out / "leaderboard.png", "test top-1"):
         written.append(out / "leaderboard.png")
@@ -123,19 +136,21 @@ def bar_chart(labels: list[str], values: list[float], path: Path, xlabel: str) -
     ax.set_xlabel(xlabel)
     ax.set_xlim(0, 1.08)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path, dpi=120)
     plt.close(fig)
     return True
 
 
 def write_fewshot(report: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fewshot.json").write_text(json.dumps(report, indent=2))
+    """fewshot.json, fewshot.md, and fewshot.png when matplotlib is installed."""
+    with named_write_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "fewshot.json", json.dumps(report, indent=2).encode())
     lines = [f"Few-shot linear probe on `{report['cache']}` ({report['backbone']}, {report['head']} head, "
              f"penalty {report['penalty']:g} fixed, {report['seeds']} seeds, {report['n_test']} test images)",
              "", "| k per class | test top-1 mean | std |", "|---|---|---|"]
     lines += [f"| {r['k']} | {r['mean']:.4f} | {r['std']:.4f} |" for r in report["results"]]
-    (out / "fewshot.md").write_text("\n".join(lines) + "\n")
+    atomic_write(out / "fewshot.md", ("\n".join(lines) + "\n").encode())
     plt = pyplot()
     if plt is None:
         return
@@ -150,5 +165,5 @@ def write_fewshot(report: dict[str, Any], out: Path) -> None:
     ax.set_ylabel("test top-1 (mean ± std over seeds)")
     ax.set_title(f"{report['backbone']} few-shot")
     fig.tight_layout()
-    fig.savefig(out / "fewshot.png", dpi=120)
+    _save_figure(fig, out / "fewshot.png", dpi=120)
     plt.close(fig)

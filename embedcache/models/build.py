@@ -80,6 +80,16 @@ def get_backbone(
         module = truncate_default(parts.model)
     module = freeze(module)
     preprocess = parts.preprocess.with_image_size(image_size)
-    return Backbone(name=name, module=module, preprocess=preprocess, dim=probe_dim(module, preprocess),
+    try:
+        dim = probe_dim(module, preprocess)
+    except (AssertionError, RuntimeError, ValueError) as exc:  # e.g. a ViT asserting its own input size
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(
+            f"Backbone {name!r} does not accept {preprocess.crop_size}x{preprocess.crop_size} inputs "
+            f"({type(exc).__name__}: {str(exc) or 'no message'}). Use its own input size (omit --image-size, "
+            f"default {parts.preprocess.crop_size}) or a size it supports."
+        ) from None
+    return Backbone(name=name, module=module, preprocess=preprocess, dim=dim,
                     weights_tag=weights_tag, weights_sha256=weights_sha256, layer=layer, pool=pool,
                     network=parts.model)

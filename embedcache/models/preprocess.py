@@ -28,6 +28,9 @@ PIL_INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC,
 }
 
+#: Largest model input side accepted (pixels): a batch of 64 such images is 3 GB as float32
+#: before the model's own activations; beyond this ask for a smaller batch, not a larger image.
+MAX_IMAGE_SIZE = 2048
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -81,9 +84,9 @@ class PreprocessSpec:
         """
         if image_size is None or image_size == self.crop_size:
             return self
-        if not isinstance(image_size, int) or image_size < 8:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or not 8 <= image_size <= MAX_IMAGE_SIZE:
             raise ConfigError(
-                f"The 'image_size' parameter must be an int >= 8 (pixels). Got {image_size!r}."
+                f"The 'image_size' parameter must be an int from 8 to {MAX_IMAGE_SIZE} (pixels). Got {image_size!r}."
             )
         ratio = self.resize_size / self.crop_size
         return dataclasses.replace(

@@ -54,6 +54,7 @@ from embedcache.experiments.finetune.unfreeze import (
     parse_unfreeze,
 )
 from embedcache.experiments.reports import save_curve_png
+from embedcache.fileio import atomic_write, named_write_errors
 from embedcache.heads.metrics import classification_report
 from embedcache.models.backbone import Backbone
 from embedcache.runtime import check_workers, resolve_device
@@ -132,7 +133,8 @@ def finetune(probe: str | os.PathLike, data: str | os.PathLike, config: Finetune
                      workers=workers, weights_path=weights_path, val_fraction=val_fraction,
                      test_fraction=test_fraction, split_seed=split_seed,
                      split_check={"cache_dir": cache_dir, "allow_unchecked_split": bool(allow_unchecked_split)})
-    setup.out.mkdir(parents=True, exist_ok=True)
+    with named_write_errors(setup.out):
+        setup.out.mkdir(parents=True, exist_ok=True)
     lock = EntryLock(setup.out / ".finetune.lock")
     try:
         lock.acquire()
@@ -277,8 +279,6 @@ def _finish(setup: RunSetup, trainer: Trainer) -> dict[str, Any]:
     network = setup.bb.network if setup.bb.network is not None else setup.bb.module
     save_finetuned(out, model.head, network, loaded, report, image_size=setup.bb.preprocess.crop_size,
                    precision=setup.precision, weights_file=WEIGHTS_FILE)
-    tmp_report = out / f".{REPORT}.tmp"
-    tmp_report.write_text(json.dumps(report, indent=2))
-    os.replace(tmp_report, out / REPORT)
+    atomic_write(out / REPORT, json.dumps(report, indent=2).encode())  # written last: it marks completion
     save_curve_png(report, str(out / "curve.png"))
     return report

@@ -7,7 +7,6 @@ through the same inference loop as extraction (:func:`embedcache.extraction.loop
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from embedcache.experiments.finetune.config import FinetuneConfig
 from embedcache.experiments.finetune.setup import FinetuneData
 from embedcache.experiments.finetune.unfreeze import Block, set_train_mode
 from embedcache.extraction.loop import ImageDataset, collate_images, model_input, run_batches
+from embedcache.fileio import atomic_write
 from embedcache.models.backbone import Backbone
 from embedcache.models.preprocess import PreprocessSpec
 from embedcache.runtime import autocast, resolve_precision
@@ -153,10 +153,9 @@ def accuracy(proba: np.ndarray, labels: np.ndarray) -> float:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary name, then an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` through :func:`~embedcache.fileio.atomic_write` (a fresh temporary file,
+    fsync, rename): a crash or a full disk leaves the previous checkpoint intact."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 @dataclass
