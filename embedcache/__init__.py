@@ -34,6 +34,8 @@ _API = {
     "PreprocessSpec": "embedcache.models.preprocess",
     "CacheError": "embedcache.errors",
     "CacheLockedError": "embedcache.errors",
+    "CorruptEntryError": "embedcache.errors",
+    "StorageError": "embedcache.errors",
     "ConfigError": "embedcache.errors",
     "DataSourceError": "embedcache.errors",
     "DecodeError": "embedcache.errors",

@@ -46,3 +46,16 @@ class CacheLockedError(CacheError):
 
 class CorruptEntryError(CacheError):
     """A cache entry's bytes no longer match their checksums, or its layout is damaged."""
+
+
+class StorageError(CacheError):
+    """A file could not be written: a full disk, a file-size limit, read-only media, an I/O error.
+
+    Attributes:
+        process_unsafe: an HDF5 file was being written when it failed; HDF5 then cannot shut
+            down cleanly (it can crash at interpreter exit), so the CLI exits at once.
+    """
+
+    def __init__(self, message: str, *, process_unsafe: bool = False) -> None:
+        super().__init__(message)
+        self.process_unsafe = process_unsafe

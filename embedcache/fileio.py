@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from embedcache.errors import CacheError
+from embedcache.errors import CacheError, StorageError
 
 #: errno values that mean "no room": a full disk, a quota, a file-size limit.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -52,26 +52,32 @@ def _human(size: float) -> str:
 _ERRNO = re.compile(r"errno = (\d+)")
 
 
-def os_errno(exc: OSError) -> int | None:
+def os_errno(exc: Exception) -> int | None:
     """The OS error number of an exception, also when a library (HDF5) only quotes it in its message."""
-    if exc.errno is not None:
+    if getattr(exc, "errno", None) is not None:
         return exc.errno
     match = _ERRNO.search(str(exc))
     return int(match.group(1)) if match else None
 
 
-def write_error(path: str | os.PathLike, exc: OSError, *, needed: int | None = None, kept: str = "") -> CacheError:
+def write_error(path: str | os.PathLike, exc: Exception, *, needed: int | None = None, kept: str = "",
+                hdf5: bool = False) -> StorageError:
     """A named error for a failed write of ``path``.
 
     Args:
         path: what was being written.
-        exc: the error the OS gave.
+        exc: the error the OS (or h5py, with the errno in its message) gave.
         needed: bytes the write still needed, if known (quoted when the disk is full).
         kept: what survives the failure (e.g. "Committed progress is kept").
+        hdf5: an HDF5 file was being written (see :class:`~embedcache.errors.StorageError`).
     """
     number = os_errno(exc)
-    reason = exc.strerror or (os.strerror(number) if number is not None and exc.errno is None else str(exc))
-    if number in NO_SPACE:
+    strerror = getattr(exc, "strerror", None)
+    reason = strerror or (os.strerror(number) if number is not None else str(exc))
+    if number == errno.EFBIG:
+        message = (f"No room to write {str(path)!r} ({reason}): the file reached this process's file-size limit "
+                   f"(ulimit -f) or the file system's largest file. Raise the limit or use another directory.")
+    elif number in NO_SPACE:
         free = free_bytes(path)
         room = f"{_human(free)} free" if free is not None else "no space left"
         need = f", about {_human(needed)} needed" if needed else ""
@@ -80,18 +86,21 @@ def write_error(path: str | os.PathLike, exc: OSError, *, needed: int | None = N
         message = f"Cannot write {str(path)!r} ({reason}): the location is read-only or not yours. Use another directory."
     else:
         message = f"Cannot write {str(path)!r} ({reason})."
-    return CacheError(f"{message}{' ' + kept if kept else ''}")
+    return StorageError(f"{message}{' ' + kept if kept else ''}", process_unsafe=hdf5)
 
 
 @contextlib.contextmanager
-def named_write_errors(path: str | os.PathLike, *, needed: int | None = None, kept: str = "") -> Iterator[None]:
-    """Re-raise any ``OSError`` of the block as :func:`write_error`."""
+def named_write_errors(path: str | os.PathLike, *, needed: int | None = None, kept: str = "",
+                       hdf5: bool = False) -> Iterator[None]:
+    """Re-raise any ``OSError`` of the block (and, writing HDF5, the ``RuntimeError`` h5py raises
+    for failed flushes) as :func:`write_error`."""
+    failures = (OSError, RuntimeError) if hdf5 else (OSError,)
     try:
         yield
     except CacheError:
         raise
-    except OSError as exc:
-        raise write_error(path, exc, needed=needed, kept=kept) from exc
+    except failures as exc:
+        raise write_error(path, exc, needed=needed, kept=kept, hdf5=hdf5) from exc
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -104,13 +113,67 @@ def fsync_dir(directory: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None] | bytes, *, mode: int = 0o644) -> Path:
+def new_file_mode() -> int:
+    """The permission bits ``open()`` would give a new file here: 0o666 less the umask (``mkstemp``
+    alone makes 0o600 files, which would lock a shared cache away from its other users)."""
+    global _NEW_FILE_MODE
+    if _NEW_FILE_MODE is None:
+        umask = None
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("Umask:"):
+                    umask = int(line.split()[1], 8)
+        if umask is None:  # no /proc: read it the old way (set and restore)
+            umask = os.umask(0o022)
+            os.umask(umask)
+        _NEW_FILE_MODE = 0o666 & ~umask
+    return _NEW_FILE_MODE
+
+
+_NEW_FILE_MODE: int | None = None
+
+
+def stage_write(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> Path:
+    """Write ``data`` to a new temporary file beside ``path`` (``mkstemp``, fsync) and return its
+    name; :func:`publish` moves staged files into place once all of them are written."""
+    path = Path(path)
+    with named_write_errors(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, new_file_mode() if mode is None else mode)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    return Path(tmp)
+
+
+def publish(staged: list[tuple[Path, Path]]) -> None:
+    """Rename staged files over their targets, in order (renames need no space: a full disk
+    cannot stop them half-way); a failure removes the temporaries not yet moved."""
+    try:
+        with named_write_errors(staged[0][1] if staged else "."):
+            for tmp, final in staged:
+                os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    if staged:
+        fsync_dir(staged[0][1].parent)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None] | bytes, *, mode: int | None = None) -> Path:
     """Write ``path`` as a unit: a temporary file in the same directory, fsync, rename over ``path``.
 
     Args:
         path: the target (its directory must exist).
         write: the bytes, or ``f(binary_file)`` writing them.
-        mode: permission bits of the new file.
+        mode: permission bits of the new file (default: what ``open()`` would give it).
 
     Raises:
         CacheError: the write failed (disk full, read-only, ...); the old file, if any, is intact.
@@ -126,7 +189,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None] | by
                     write(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.chmod(tmp, mode)
+            os.chmod(tmp, new_file_mode() if mode is None else mode)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -140,7 +203,10 @@ def new_temporary_path(directory: str | os.PathLike, *, prefix: str, suffix: str
     """A new, empty regular file in ``directory`` (created with ``mkstemp``: a name nobody planted)."""
     with named_write_errors(directory):
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
-        os.close(fd)
+        try:
+            os.fchmod(fd, new_file_mode())
+        finally:
+            os.close(fd)
     return Path(name)
 
 

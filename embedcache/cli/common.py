@@ -7,6 +7,7 @@ Options are defined once here, with their choices taken from the library's own d
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import click
 
-from embedcache.errors import EmbedcacheError
+from embedcache.errors import EmbedcacheError, StorageError
 from embedcache.runtime import DEVICES, PRECISIONS
 from embedcache.store.schema import CACHE_DIR_ENV
 
@@ -40,6 +41,15 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except StorageError as exc:
+            if not exc.process_unsafe:
+                raise click.ClickException(str(exc)) from exc
+            # HDF5 cannot shut down cleanly after a failed write (it may crash at exit): say why
+            # and leave at once; committed progress is on disk already.
+            click.echo(f"Error: {exc}", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         except EmbedcacheError as exc:
             raise click.ClickException(str(exc)) from exc
         except MemoryError:

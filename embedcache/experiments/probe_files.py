@@ -1,9 +1,9 @@
 """A probe directory written as a unit and checked as one.
 
-The weights file (``probe.safetensors``, ``probe.joblib``, a fine-tuned ``backbone.safetensors``)
-and ``report.json`` are written first, each to a fresh temporary name and renamed into place;
-``probe.json`` is written last and records the sha256 and size of every other file (and the
-tensor shapes). Loading checks them before anything is used, so a crash between two renames, a
+The weights file (``probe.safetensors``, ``probe.joblib``), ``report.json`` and ``probe.json`` are
+all written to fresh temporary names first, then renamed into place, ``probe.json`` last: a full
+disk leaves the previous probe untouched. ``probe.json`` records the sha256 and size of every
+other file (a fine-tuned ``backbone.safetensors`` too) and the tensor shapes. Loading checks them before anything is used, so a crash between two renames, a
 swapped or symlinked weights file, or a ``probe.json`` that no longer matches its weights is
 refused with a named error instead of being used. A ``probe.joblib`` is checked before it is
 unpickled.
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from embedcache.errors import ConfigError
-from embedcache.fileio import atomic_write, named_write_errors
+from embedcache.fileio import named_write_errors, publish, stage_write
 
 #: The manifest: written last, it vouches for the other files.
 META = "probe.json"
@@ -38,8 +38,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _record(path: Path, data: bytes) -> dict[str, Any]:
-    atomic_write(path, data)
+def _record(data: bytes) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
@@ -64,18 +63,28 @@ def write_probe_dir(out: Path, meta: dict[str, Any], report: dict[str, Any], *,
         out.mkdir(parents=True, exist_ok=True)
     listed = dict(files or {})
     meta = dict(meta)
+    contents: dict[str, bytes] = {}
     if tensors is not None:
-        data, meta["tensor_shapes"] = tensors_bytes(tensors, meta)
-        listed["probe.safetensors"] = _record(out / "probe.safetensors", data)
+        contents["probe.safetensors"], meta["tensor_shapes"] = tensors_bytes(tensors, meta)
     else:
         import joblib
 
         buffer = io.BytesIO()
         joblib.dump(estimator, buffer)
-        listed["probe.joblib"] = _record(out / "probe.joblib", buffer.getvalue())
-    listed[REPORT] = _record(out / REPORT, json.dumps(report, indent=2).encode())
+        contents["probe.joblib"] = buffer.getvalue()
+    contents[REPORT] = json.dumps(report, indent=2).encode()
+    listed.update({name: _record(data) for name, data in contents.items()})
     meta[FILES_KEY] = listed
-    atomic_write(out / META, json.dumps(meta, indent=2).encode())
+    contents[META] = json.dumps(meta, indent=2).encode()  # last: it vouches for the others
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, data in contents.items():  # everything written before anything is replaced
+            staged.append((stage_write(out / name, data), out / name))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    publish(staged)
 
 
 def record_file(path: Path) -> dict[str, Any]:

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..fileio import new_file_mode
+
 MEMO_NAME = "backbone-specs.json"
 #: Entries kept at most (oldest dropped first).
 MAX_ENTRIES = 256
@@ -53,6 +55,7 @@ class JsonMemo:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
             try:
+                os.fchmod(fd, new_file_mode())
                 with os.fdopen(fd, "w", encoding="utf-8") as fh:
                     json.dump(data, fh, sort_keys=True)
                 os.replace(tmp, self.path)

@@ -15,14 +15,14 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from embedcache.errors import CacheError, ConfigError, CorruptEntryError
+from embedcache.errors import CacheError, ConfigError
 from embedcache.fileio import (
     free_bytes,
     fsync_dir,
@@ -30,41 +30,32 @@ from embedcache.fileio import (
     named_write_errors,
     new_temporary_path,
 )
+from embedcache.store.failed_hdf5 import keep_unclosable, quiet_failed_hdf5_objects
 from embedcache.store.hdf5 import (
-    CHECKED_COLUMNS,
     LIBVER,
-    SPLIT_MAPPING,
     check_safe,
     crc32,
-    create_checked,
     fixed_utf8,
-    json_attr,
     open_h5,
-    read_attrs,
     read_errors,
     read_numbers,
-    set_attr,
-    utf8_dtype,
-    verify_columns,
     verify_feature_blocks,
     write_root_attrs,
+)
+from embedcache.store.layout import (
+    ERROR_MESSAGE_BYTES,
+    resumable_state,
+    verify_written,
+    write_layout,
 )
 from embedcache.store.locking import EntryLock
 from embedcache.store.schema import (
     BLOCK_CRC32,
     COLUMN_CRC32,
-    FORMAT_NAME,
-    FORMAT_VERSION,
     ROWS_PER_CHUNK,
     STORE_DTYPES,
     entry_paths,
 )
-from embedcache.store.verify import scan_features
-
-#: Bytes kept of each decode error message (longer ones are cut).
-ERROR_MESSAGE_BYTES = 512
-#: Rows per chunk of the /errors table (few failures are the common case).
-ERROR_CHUNK_ROWS = 16
 
 
 def _now() -> str:
@@ -116,18 +107,28 @@ class StoreWriter:
         self._failed = np.zeros(n, dtype=bool)
         self.resumed_rows = 0
         self.warnings: list[str] = []
+        self._broken = False
 
     # -- lifecycle
     def __enter__(self) -> StoreWriter:
+        quiet_failed_hdf5_objects()
         self._lock.acquire()
         try:
             self._open_partial()
         except BaseException:
+            if self._broken and self._handle is not None:  # see __exit__
+                keep_unclosable(self._handle)
+                self._handle = None
             self._lock.release()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._broken and self._handle is not None:
+            # HDF5 cannot flush or close a file whose write failed (it errors, and can crash the
+            # interpreter when the objects are freed): keep it referenced, write nothing more.
+            keep_unclosable(self._handle)
+            self._handle = None
         if self._handle is not None:
             with contextlib.suppress(Exception):
                 self.commit()
@@ -158,23 +159,8 @@ class StoreWriter:
         except OSError as exc:
             return f"unreadable: {exc}"
         try:
-            check_safe(handle, self.partial_path)
-            attrs = read_attrs(handle)
-            if attrs.get("cache_key") != self.cache_key or tuple(handle["features"].shape) != (self.n, self.dim):
-                raise ValueError("cache key or shape differs")
-            if not handle["features"].fletcher32:
-                raise ValueError("written without checksums (an older format)")
-            self._column_crc = dict(attrs[COLUMN_CRC32])
-            verify_columns(handle, self.partial_path, {COLUMN_CRC32: {k: v for k, v in self._column_crc.items()
-                                                                      if k != "done"}})
-            self._done = read_numbers(handle["done"], self.partial_path).astype(bool)
-            # After a hard kill: a row vouched for by `done` must hold finite numbers (unwritten
-            # rows are NaN-filled) in a block that matches its checksum; else it is recomputed.
-            finite, crcs = scan_features(handle["features"], self.partial_path, self._done)
-            stale = np.repeat(crcs != read_numbers(handle[BLOCK_CRC32], self.partial_path), ROWS_PER_CHUNK)[: self.n]
-            self._done &= finite & ~stale
-            for index, _path, _msg in read_errors(handle):
-                self._failed[index] = True
+            self._done, self._failed, self._column_crc = resumable_state(
+                handle, self.partial_path, cache_key=self.cache_key, n=self.n, dim=self.dim)
         except (CacheError, OSError, KeyError, ValueError, TypeError) as exc:
             handle.close()
             return str(exc)
@@ -190,9 +176,12 @@ class StoreWriter:
         self._check_room()
         tmp = new_temporary_path(self.partial_path.parent, prefix=f".{self.partial_path.name}.", suffix=".tmp")
         try:
-            with named_write_errors(self.partial_path, needed=self._bytes_needed()):
+            with self._writing(needed=self._bytes_needed()):
                 handle = h5py.File(tmp, "w", locking=False, libver=LIBVER)
-                self._write_layout(handle)
+                self._handle = handle
+                self._column_crc = write_layout(handle, n=self.n, dim=self.dim, store_dtype=self.store_dtype,
+                                                static=self._static, attrs=self._attrs, cache_key=self.cache_key,
+                                                created=_now())
                 handle.flush()
                 os.replace(tmp, self.partial_path)
         except BaseException:
@@ -200,40 +189,6 @@ class StoreWriter:
                 os.unlink(tmp)
             raise
         self._handle = handle
-
-    def _write_layout(self, handle: h5py.File) -> None:
-        create_checked(handle, "features", shape=(self.n, self.dim), dtype=self.store_dtype, fillvalue=np.nan,
-                       chunks=(max(1, min(ROWS_PER_CHUNK, self.n)), self.dim))
-        create_checked(handle, BLOCK_CRC32, data=self._unwritten_block_crcs())
-        create_checked(handle, "labels", data=self._static["labels"])
-        paths = fixed_utf8(self._static["paths"])
-        create_checked(handle, "paths", data=paths, dtype=utf8_dtype(paths.dtype.itemsize))
-        split = create_checked(handle, "split", data=self._static["split"])
-        set_attr(split.attrs, "mapping", json_attr(SPLIT_MAPPING))
-        create_checked(handle, "file_size", data=self._static["file_size"])
-        create_checked(handle, "file_mtime_ns", data=self._static["file_mtime_ns"])
-        create_checked(handle, "done", data=np.zeros(self.n, dtype=bool))
-        errors = handle.create_group("errors")
-        create_checked(errors, "index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(ERROR_CHUNK_ROWS,))
-        create_checked(errors, "path", shape=(0,), maxshape=(None,), dtype=utf8_dtype(paths.dtype.itemsize),
-                       chunks=(ERROR_CHUNK_ROWS,))
-        create_checked(errors, "message", shape=(0,), maxshape=(None,), dtype=utf8_dtype(ERROR_MESSAGE_BYTES),
-                       chunks=(ERROR_CHUNK_ROWS,))
-        self._column_crc = {name: crc32(handle[name][...]) for name in CHECKED_COLUMNS}
-        now = _now()
-        root = {**self._attrs, "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "cache_key": self.cache_key,
-                "complete": False, "n": self.n, "dim": self.dim, "store_dtype": self.store_dtype,
-                "split_mapping": SPLIT_MAPPING, COLUMN_CRC32: self._column_crc, "created": now, "updated": now}
-        write_root_attrs(handle, root)
-
-    def _unwritten_block_crcs(self) -> np.ndarray:
-        """The block checksums of a features matrix nothing was written to (NaN fill)."""
-        n_blocks = -(-self.n // ROWS_PER_CHUNK)
-        full = crc32(np.full((min(ROWS_PER_CHUNK, self.n), self.dim), np.nan, self.store_dtype))
-        crcs = np.full(n_blocks, full, dtype=np.uint32)
-        if self.n % ROWS_PER_CHUNK:
-            crcs[-1] = crc32(np.full((self.n % ROWS_PER_CHUNK, self.dim), np.nan, self.store_dtype))
-        return crcs
 
     def _bytes_needed(self) -> int:
         """About what the rows not yet done will take on disk (features, plus the fixed columns)."""
@@ -250,6 +205,17 @@ class StoreWriter:
                 f"Not enough room for cache entry {str(self.partial_path)!r}: about {needed / 1e6:.1f} MB needed, "
                 f"{free / 1e6:.1f} MB free. Free some space or pass --cache-dir on a larger disk."
             )
+
+    @contextlib.contextmanager
+    def _writing(self, *, needed: int | None = None, kept: str = "") -> Iterator[None]:
+        """HDF5 writes: a failure becomes a named :class:`~embedcache.errors.StorageError` and
+        leaves the writer broken (nothing more is written; see :meth:`__exit__`)."""
+        try:
+            with named_write_errors(self.partial_path, needed=needed, kept=kept, hdf5=True):
+                yield
+        except CacheError:
+            self._broken = True
+            raise
 
     def _require_open(self) -> None:
         if self._handle is None:
@@ -289,7 +255,7 @@ class StoreWriter:
         dset = self._handle["features"]
         # Contiguous runs are written as slices (one HDF5 call each), scattered rows one by one.
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        with named_write_errors(self.partial_path, needed=self._bytes_needed(), kept=self._kept()):
+        with self._writing(needed=self._bytes_needed(), kept=self._kept()):
             for run_rows, run_data in zip(np.split(rows, breaks), np.split(data, breaks), strict=False):
                 dset[int(run_rows[0]) : int(run_rows[-1]) + 1] = run_data
         self._pending_done.append(rows)
@@ -303,7 +269,7 @@ class StoreWriter:
         group = self._handle["errors"]
         start = group["index"].shape[0]
         stop = start + len(failures)
-        with named_write_errors(self.partial_path, kept=self._kept()):
+        with self._writing(kept=self._kept()):
             for name in ("index", "path", "message"):
                 group[name].resize((stop,))
             group["index"][start:stop] = [i for i, _ in failures]
@@ -318,7 +284,7 @@ class StoreWriter:
     def commit(self) -> None:
         """Make progress durable: data is flushed before the done flags that vouch for it."""
         self._require_open()
-        with named_write_errors(self.partial_path, needed=self._bytes_needed(), kept=self._kept()):
+        with self._writing(needed=self._bytes_needed(), kept=self._kept()):
             self._handle.flush()
             if self._pending_done:
                 rows = np.concatenate(self._pending_done)
@@ -362,33 +328,18 @@ class StoreWriter:
         """
         self._require_open()
         self.commit()
-        with named_write_errors(self.partial_path, kept=self._kept()):
+        with self._writing(kept=self._kept()):
             write_root_attrs(self._handle, {**(extra_attrs or {}), "complete": True, "updated": _now()})
             self._handle.flush()
             self._handle.close()
             self._handle = None
-            self._verify_partial()
+            try:
+                verify_written(self.partial_path, self._done)
+            except CacheError as exc:
+                raise CacheError(f"The new entry {str(self.partial_path)!r} did not read back as written ({exc}); "
+                                 f"it was not published. {self._kept()}") from exc
             with open(self.partial_path, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(self.partial_path, self.final_path)
         fsync_dir(self.final_path.parent)
         return self.final_path
-
-    def _verify_partial(self) -> None:
-        """Every done row reads back finite through its checksum, and so do the other columns."""
-        try:
-            with open_h5(self.partial_path) as handle:
-                verify_columns(handle, self.partial_path, read_attrs(handle))
-                done = read_numbers(handle["done"], self.partial_path).astype(bool)
-                if not np.array_equal(done, self._done):
-                    raise CorruptEntryError("the done flags did not read back as written")
-                finite, crcs = scan_features(handle["features"], self.partial_path, done)
-                bad = int((done & ~finite).sum())
-                if bad:
-                    raise CorruptEntryError(f"{bad} finished rows read back as NaN or infinite")
-                if not np.array_equal(crcs, read_numbers(handle[BLOCK_CRC32], self.partial_path)):
-                    raise CorruptEntryError("feature blocks did not read back as written")
-                read_errors(handle)
-        except CacheError as exc:
-            raise CacheError(f"The new entry {str(self.partial_path)!r} did not read back as written ({exc}); it "
-                             f"was not published. {self._kept()}") from exc
