@@ -13,8 +13,8 @@ from embedcache.errors import ConfigError
 #: for label sets :class:`~embedcache.heads.multilabel.SigmoidProbe`, one sigmoid per class);
 #: ``sklearn``: :class:`~embedcache.heads.sklearn_probe.SklearnProbe` (LogisticRegression);
 #: ``knn``: :class:`~embedcache.heads.knn.KNNProbe` (cosine k-NN, temperature-weighted votes);
-#: ``ridge``: :class:`~embedcache.heads.ridge.RidgeClassifierProbe` (one-hot ridge), for numeric
-#: targets :class:`~embedcache.heads.ridge.RidgeRegressor` (closed-form ridge path).
+#: ``ridge``: :class:`~embedcache.heads.ridge_probe.RidgeClassifierProbe` (one-hot ridge), for numeric
+#: targets :class:`~embedcache.heads.ridge_probe.RidgeRegressor` (closed-form ridge path).
 HEADS = ("torch", "sklearn", "knn", "ridge")
 #: The heads with a linear softmax model (penalty sweep in heads/sweep.py, few-shot).
 LINEAR_HEADS = ("torch", "sklearn")
@@ -71,7 +71,7 @@ def make_head(head: str, **params: Any) -> Any:
 
         return KNNProbe(**{k: v for k, v in params.items() if k in ("k", "temperature", "device")})
     if head == "ridge":
-        from embedcache.heads.ridge import RidgeClassifierProbe
+        from embedcache.heads.ridge_probe import RidgeClassifierProbe
 
         return RidgeClassifierProbe(**{k: v for k, v in params.items() if k in ("penalty", "standardize")})
     from embedcache.heads.sklearn_probe import SklearnProbe

@@ -1,4 +1,4 @@
-"""Tests for embedcache.heads.ridge: the closed form against scikit-learn's Ridge, every penalty
+"""Tests for embedcache.heads.ridge and ridge_probe: the closed form against scikit-learn's Ridge, every penalty
 of the path against a direct solve, streamed blocks against one pass, the penalty chosen on
 validation rows only, and the estimator contracts."""
 
@@ -9,14 +9,8 @@ from sklearn.preprocessing import StandardScaler
 
 from embedcache.errors import ConfigError
 from embedcache.heads import ridge as ridge_module
-from embedcache.heads.ridge import (
-    RidgeClassifierProbe,
-    RidgePath,
-    RidgeRegressor,
-    RidgeStatistics,
-    solve,
-    sweep_ridge,
-)
+from embedcache.heads.ridge import RidgePath, RidgeStatistics, solve
+from embedcache.heads.ridge_probe import RidgeClassifierProbe, RidgeRegressor, sweep_ridge
 from tests.heads.helpers import blobs
 
 

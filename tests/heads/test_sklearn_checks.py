@@ -5,7 +5,7 @@ from __future__ import annotations
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from embedcache.heads.knn import KNNProbe
-from embedcache.heads.ridge import RidgeClassifierProbe, RidgeRegressor
+from embedcache.heads.ridge_probe import RidgeClassifierProbe, RidgeRegressor
 from embedcache.heads.sklearn_probe import SklearnProbe
 from embedcache.heads.torch_probe import TorchLinearProbe
 
