@@ -5,8 +5,9 @@ Every file is checked by :func:`~embedcache.store.hdf5.check_safe` before it is 
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,10 @@ class FeatureStore:
         rows: ``(M,)`` row index of each returned row in the file.
         attrs: root attributes, JSON attributes decoded.
         errors: ``[(row, path, message)]`` for images that failed to decode.
+        targets: ``(M, T)`` float32 numeric targets, or None (entries of other sources).
+        target_names: the name of each target column.
+        label_sets: ``(M, C)`` uint8 label sets (1 = the image carries class ``c`` of
+            ``class_names``), or None.
     """
 
     path: Path
@@ -42,6 +47,9 @@ class FeatureStore:
     rows: np.ndarray
     attrs: dict[str, Any]
     errors: list[tuple[int, str, str]]
+    targets: np.ndarray | None = None
+    target_names: list[str] = field(default_factory=list)
+    label_sets: np.ndarray | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, allow_partial: bool = False) -> FeatureStore:
@@ -67,7 +75,9 @@ class FeatureStore:
             paths = handle["paths"].asstr()[...][pick]
             splits = handle["split"][...][pick]
             errors = read_errors(handle)
-        return cls(path, features, labels, paths, splits, rows, attrs, errors)
+            optional = {name: handle[name][...][pick] for name in ("targets", "label_sets") if name in handle}
+            target_names = json.loads(handle["targets"].attrs["names"]) if "targets" in handle else []
+        return cls(path, features, labels, paths, splits, rows, attrs, errors, target_names=target_names, **optional)
 
     @property
     def cache_key(self) -> str:
@@ -76,6 +86,11 @@ class FeatureStore:
     @property
     def class_names(self) -> list[str]:
         return list(self.attrs.get("class_names", []))
+
+    @property
+    def task(self) -> str:
+        """``regression`` (numeric targets), ``multilabel`` (label sets) or ``classes``."""
+        return "regression" if self.targets is not None else "multilabel" if self.label_sets is not None else "classes"
 
     @property
     def backbone(self) -> dict[str, Any]:

@@ -58,6 +58,9 @@ class StoreWriter:
         splits: Sequence[int],
         file_sizes: Sequence[int],
         file_mtimes_ns: Sequence[int],
+        targets: np.ndarray | None = None,
+        target_names: Sequence[str] = (),
+        label_sets: np.ndarray | None = None,
     ) -> None:
         if store_dtype not in STORE_DTYPES:
             raise ConfigError(
@@ -74,6 +77,12 @@ class StoreWriter:
             "file_size": np.asarray(file_sizes, dtype=np.int64),
             "file_mtime_ns": np.asarray(file_mtimes_ns, dtype=np.int64),
         }
+        # optional per-row targets (docs/schema.md): numeric targets and label sets
+        if targets is not None:
+            self._static["targets"] = np.asarray(targets, dtype=np.float32).reshape(n, -1)
+            self._target_names = list(target_names)
+        if label_sets is not None:
+            self._static["label_sets"] = np.asarray(label_sets, dtype=np.uint8).reshape(n, -1)
         self._lock = EntryLock(lock_path)
         self._handle: h5py.File | None = None
         self._pending_done: list[np.ndarray] = []
@@ -150,6 +159,13 @@ class StoreWriter:
         split.attrs["mapping"] = json_attr(SPLIT_MAPPING)
         handle.create_dataset("file_size", data=self._static["file_size"])
         handle.create_dataset("file_mtime_ns", data=self._static["file_mtime_ns"])
+        for name in ("targets", "label_sets"):  # optional per-row targets, chunked like /features
+            if name in self._static:
+                values = self._static[name]
+                dset = handle.create_dataset(name, data=values,
+                                             chunks=(chunk_rows, max(1, values.shape[1])) if values.size else None)
+                names = self._target_names if name == "targets" else self._attrs.get("class_names", [])
+                dset.attrs["names"] = json_attr(list(names))
         handle.create_dataset("done", data=np.zeros(self.n, dtype=bool))
         errors = handle.create_group("errors")
         errors.create_dataset("index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(256,))
