@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from embedcache.errors import ConfigError, WeightsError
+from embedcache.experiments import head_artifacts
 from embedcache.experiments.reports import save_confusion_png
 from embedcache.heads.torch_probe import TorchLinearProbe
 from embedcache.models.build import get_backbone
@@ -41,6 +42,8 @@ def save_probe(result: Any, store: Any, out: Path) -> Path:
     Files are written to temporary names and moved into place, so a crash never leaves a
     half-written probe behind.
     """
+    if head_artifacts.handles(result):  # k-NN, ridge, numeric targets, label sets: head_artifacts.py
+        return head_artifacts.save_head_probe(result, store, out)
     out.mkdir(parents=True, exist_ok=True)
     est = result.estimator
     meta = {
@@ -195,6 +198,8 @@ def load_probe(path: str | os.PathLike) -> LoadedProbe:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"Cannot read probe metadata {str(meta_path)!r} ({exc}).") from exc
+    if head_artifacts.handles_meta(meta):  # k-NN, ridge, numeric targets, label sets: head_artifacts.py
+        return LoadedProbe(head_artifacts.load_head(meta, directory), meta, directory)
     weights_file = directory / ("probe.safetensors" if meta.get("head") == "torch" else "probe.joblib")
     if meta.get("head") in ("torch", "sklearn") and not weights_file.is_file():
         raise ConfigError(f"Incomplete probe directory {str(directory)!r}: {weights_file.name} is missing.")

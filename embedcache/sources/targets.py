@@ -12,6 +12,7 @@ nothing is extracted or written.
 
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Sequence
 
@@ -95,3 +96,13 @@ def label_set_indices(sets: list[tuple[int, tuple[str, ...]]], vocabulary: Seque
                                   f"{unknown[0]!r}; the classes are {names}. Fix the name or drop the row.")
         out[number] = tuple(position[n] for n in label_set)
     return names, out
+
+
+def csv_columns(csv_path: str) -> list[str]:
+    """A CSV manifest's header, lower-cased (empty when it cannot be read: reading it properly
+    reports the problem)."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            return [h.strip().lower() for h in next(csv.reader(handle), [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
