@@ -1,8 +1,8 @@
 """A source is an ordered list of :class:`Sample` rows plus a way to decode row ``i``.
 
 The manifest hash (:meth:`ImageSource.manifest_sha256`) uses only root-relative paths, so a data set
-moved to another directory is still the same cache entry; any change of a file's size, mtime, label
-or split gives a new hash.
+moved to another directory is still the same cache entry; any change of a file's size, mtime, label,
+split, numeric target or label set gives a new hash.
 """
 
 from __future__ import annotations
@@ -111,8 +111,9 @@ class ImageSource(abc.ABC):
         return {SPLIT_NAMES[code]: int(n) for code, n in enumerate(counts) if n}
 
     def manifest_sha256(self) -> str:
-        """sha256 of canonical JSON: sorted (path, size, mtime_ns, label, split), class names and
-        kind-specific content (:meth:`manifest_extra`); never the root location."""
+        """sha256 of canonical JSON: sorted (path, size, mtime_ns, label, split), class names,
+        kind-specific content (:meth:`manifest_extra`) and, when present, the numeric targets and
+        label sets; never the root location."""
         rows = sorted([s.path, s.size, s.mtime_ns, s.label, s.split] for s in self.samples)
         payload = {"samples": rows, "class_names": self.class_names, **self.manifest_extra()}
         if self.target_names:  # only when present: the hash of every other source is unchanged
