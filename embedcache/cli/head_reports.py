@@ -23,19 +23,29 @@ def _value(parameter: str, value: float) -> str:
     return str(int(value)) if parameter == "k" else f"{value:.3g}"
 
 
+#: Lines of a validation table shown (the chosen value always is; the rest evenly spaced).
+TABLE_LINES = 12
+
+
 def selection_table(result: ProbeResult) -> str:
-    """The validation table: one line per k or penalty, the chosen one marked."""
+    """The validation table: one line per k or penalty (a long grid thinned to 1 value in n,
+    the last and the chosen one), the chosen one marked."""
     sel = result.selection
+    step = max(1, -(-len(sel.values) // TABLE_LINES))
     rows = [[_value(sel.parameter, v), f"{s:.4f}", "<- chosen" if v == sel.best_value else ""]
-            for v, s in zip(sel.values, sel.val_scores, strict=True)]
+            for i, (v, s) in enumerate(zip(sel.values, sel.val_scores, strict=True))
+            if i % step == 0 or v == sel.best_value or i == len(sel.values) - 1]
+    shown = f"; 1 in {step} shown" if step > 1 else ""
     return table(rows, [sel.parameter, METRIC_TITLES.get(sel.metric, sel.metric), ""]) + \
-        f"\n({len(sel.values)} values scored in {sel.seconds:.2f} s)"
+        f"\n({len(sel.values)} values scored in {sel.seconds:.2f} s{shown})"
 
 
 def _test_line(result: ProbeResult) -> list[str]:
     m = result.metrics
     if result.task == "regression":
-        lines = [f"test       R² {m['r2']:.4f}  MAE {m['mae']:.4g}  RMSE {m['rmse']:.4g} (means over targets)"]
+        several = len(m["per_target"]) > 1
+        lines = [f"test       R² {m['r2']:.4f}" + (f" (mean over {len(m['per_target'])} targets)" if several
+                                                  else f"  MAE {m['mae']:.4g}  RMSE {m['rmse']:.4g}")]
         rows = [[name, "-" if v["r2"] is None else f"{v['r2']:.4f}", f"{v['mae']:.4g}", f"{v['rmse']:.4g}"]
                 for name, v in m["per_target"].items()]
         return lines + ["", table(rows, ["target", "test R²", "MAE", "RMSE"])]
@@ -103,7 +113,10 @@ def summary(result: PredictResult) -> str:
     text = f"{len(result.rows)} images, {len(result.failures)} failed"
     m = result.metrics
     if m is not None and result.task == "regression":
-        text += f"; R² {m['r2']:.4f}, MAE {m['mae']:.4g}, RMSE {m['rmse']:.4g} on {result.n_scored} images with targets"
+        per = m["per_target"]
+        scores = ", ".join(f"{n} R² {v['r2']:.4f} MAE {v['mae']:.4g}" for n, v in per.items() if v["r2"] is not None)
+        text += (f"; {scores}" + (f" (mean R² {m['r2']:.4f})" if len(per) > 1 else "")
+                 + f" on {result.n_scored} images with targets")
     elif m is not None:
         text += (f"; mAP {m['mAP']:.4f}, micro-F1 {m['micro_f1']:.4f}, macro-F1 {m['macro_f1']:.4f} on "
                  f"{result.n_scored} labelled images")

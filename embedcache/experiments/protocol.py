@@ -80,8 +80,9 @@ def split_for_probe(labels: np.ndarray, splits: np.ndarray, keys: np.ndarray, *,
             )
         held = holdout_splits([str(k) for k in keys[train]], labels[train], val_fraction=val_fraction,
                               test_fraction=0.0, seed=seed)
+        stratified = "stratified, " if len(np.unique(labels[train])) > 1 else ""
         val, train = train[held == Split.VAL], train[held == Split.TRAIN]
-        val_source = f"hold-out of {val_fraction:g} of train (stratified, seed {seed})"
+        val_source = f"hold-out of {val_fraction:g} of train ({stratified}seed {seed})"
     for name, rows in (("train", train), ("val", val), ("test", test)):
         if len(rows) == 0:
             raise ConfigError(

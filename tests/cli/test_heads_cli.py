@@ -52,7 +52,7 @@ def test_regression_from_extract_to_predict(tmp_path):
     assert "val R² (mean)" in probed.stdout and "head       ridge (regression), penalty" in probed.stdout
     assert "test       R² " in probed.stdout and "brightness" in probed.stdout
     pred = run("predict", tmp_path / "p", csv_path, "--workers", 0, "--out", tmp_path / "pred.csv")
-    assert pred.exit_code == 0 and "R² " in pred.stdout and "on 60 images with targets" in pred.stdout
+    assert pred.exit_code == 0 and "brightness R² " in pred.stdout and "on 60 images with targets" in pred.stdout
     rows = list(csv.reader((tmp_path / "pred.csv").open()))
     assert rows[0] == ["path", "true_brightness", "pred_brightness", "true_contrast", "pred_contrast"]
     assert len(rows) == 61
