@@ -4,6 +4,7 @@ and label sets.
     python benchmarks/heads_speed.py --entry CACHE_ENTRY.h5          # full Fashion-MNIST lite0 features
     python benchmarks/heads_speed.py --synthetic-ridge [--rows 1280000 --dim 2048 --classes 1000]
     python benchmarks/heads_speed.py --targets-demo WORKDIR [--cache-dir DIR] [--n 4000]
+    (any of them with --threads N: torch's intra-op threads)
 
 --entry: on one cache entry (train/test splits; val = the protocol's 10% hold-out of train):
   * the torch, knn and ridge probe protocols (choice on val, refit, one test score): test top-1
@@ -237,7 +238,10 @@ def main() -> None:
     parser.add_argument("--targets-demo", type=Path, default=None, help="work directory for the PNGs and probes")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--n", type=int, default=4000, help="images per targets-demo manifest")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {load()}")
     if args.entry:
         entry_case(args.entry, args.repeats)
