@@ -56,7 +56,7 @@ probe_head_option = click.option(
 @click.option("--no-standardize", is_flag=True, help="Do not standardise features.")
 @click.option("--device", default="cpu", show_default=True, help="Device of the torch head (cpu or cuda).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Write probe.safetensors|probe.joblib, probe.json, report.json, confusion.png here.")
+              help="Write probe.safetensors, probe.json, report.json (and confusion.png) here.")
 @json_option
 @cache_dir_option
 @handle_errors

@@ -11,6 +11,10 @@ A probe directory holds:
   backbone weights, named by ``weights_file`` in probe.json and used by ``predict`` automatically.
 
 ``predict`` needs only this directory: it rebuilds the backbone from the metadata.
+
+The k-NN, ridge and sklearn heads and probes of numeric targets or label sets are written and
+read by :mod:`~embedcache.experiments.head_artifacts` (safetensors, no pickle); ``probe.joblib``
+is what earlier versions wrote for the sklearn head, and still loads here.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
-"""Probe directories of the k-NN and ridge heads and of numeric targets and label sets; no pickle.
+"""Probe directories of the k-NN, ridge and sklearn heads and of numeric targets and label sets;
+no pickle.
 
-:mod:`~embedcache.experiments.artifacts` hands these heads here (``save_probe`` / ``load_probe``).
+:mod:`~embedcache.experiments.artifacts` hands these heads here (``save_probe`` / ``load_probe``;
+the torch head keeps its own writer there, and sklearn probes saved by earlier versions as
+``probe.joblib`` still load there).
 A directory holds:
 
-* ``probe.safetensors``: the numbers. Ridge and sigmoid heads: ``coef``, ``intercept``, ``mean``,
-  ``scale`` (+ ``classes`` for class labels). k-NN: no copy of the reference features, only
+* ``probe.safetensors``: the numbers. Ridge, sklearn and sigmoid heads: ``coef``, ``intercept``,
+  ``mean``, ``scale`` (+ ``classes`` for class labels). k-NN: no copy of the reference features, only
   ``reference_rows`` (their row indices in the cache entry), ``reference_labels`` and ``classes``.
 * ``probe.json``: the linear heads' metadata (backbone, preprocessing, cache key, metrics,
   versions...) plus ``task``, ``chosen`` (k and temperature, penalty, threshold), ``target_names``,
@@ -31,14 +34,15 @@ from embedcache.fileio import atomic_write
 from embedcache.heads.knn import KNNProbe
 from embedcache.heads.multilabel import SigmoidProbe
 from embedcache.heads.ridge_probe import RidgeClassifierProbe, RidgeRegressor
+from embedcache.heads.sklearn_probe import SklearnProbe
 from embedcache.store.fingerprint import software_versions
 from embedcache.store.reader import FeatureStore
 from embedcache.store.schema import default_cache_dir, entry_paths
 
 #: Version of the layout described above.
 HEAD_ARTIFACT_VERSION = 1
-#: Class heads whose artifacts are written here (the linear softmax heads keep artifacts.py's).
-OWN_HEADS = ("knn", "ridge")
+#: Class heads whose artifacts are written here (the torch head keeps artifacts.py's writer).
+OWN_HEADS = ("knn", "ridge", "sklearn")
 
 
 def handles(result: Any) -> bool:
@@ -47,8 +51,8 @@ def handles(result: Any) -> bool:
 
 
 def handles_meta(meta: dict[str, Any]) -> bool:
-    """Whether a probe.json is loaded by this module."""
-    return meta.get("task", "classes") != "classes" or meta.get("head") in OWN_HEADS
+    """Whether a probe.json is loaded by this module (not an older sklearn probe.joblib)."""
+    return meta.get("task", "classes") != "classes" or (meta.get("head") in OWN_HEADS and "tensors_sha256" in meta)
 
 
 def _metadata(result: Any, store: Any) -> dict[str, Any]:
@@ -165,6 +169,8 @@ def load_head(meta: dict[str, Any], directory: Path) -> Any:
               "scale": tensors["scale"], "penalty": meta["penalty"], "standardize": meta.get("standardize", True)}
     if head == "ridge" and task == "classes":
         return RidgeClassifierProbe.from_coefficients(classes=tensors["classes"], **linear)
+    if head == "sklearn" and task == "classes":
+        return SklearnProbe.from_coefficients(classes=tensors["classes"], **linear)
     if head == "ridge" and task == "regression":
         return RidgeRegressor.from_coefficients(**linear)
     if head == "torch" and task == "multilabel":

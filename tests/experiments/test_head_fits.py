@@ -11,6 +11,7 @@ import tests.tiny_backbone  # noqa: F401
 from embedcache import fileio
 from embedcache.errors import CacheError, ConfigError
 from embedcache.experiments.artifacts import load_probe
+from embedcache.experiments.finetune.setup import rebuild_backbone
 from embedcache.experiments.predict import predict
 from embedcache.experiments.protocol import probe, probe_arrays
 from embedcache.extraction.extract import extract
@@ -58,7 +59,7 @@ def test_split_rows_reach_knn_and_ridge_as_train_then_val(monkeypatch):
     assert knn.metrics["top1"] > 0.9 and ridge.metrics["top1"] > 0.9
 
 
-@pytest.mark.parametrize("head", ["knn", "ridge"])
+@pytest.mark.parametrize("head", ["knn", "ridge", "sklearn"])
 def test_class_heads_round_trip_without_pickle_and_predict(cached, tmp_path, head):
     folder, store = cached
     result = probe(store, head=head, out=tmp_path / "p")
@@ -72,7 +73,21 @@ def test_class_heads_round_trip_without_pickle_and_predict(cached, tmp_path, hea
     np.testing.assert_array_equal(loaded.estimator.predict(store.features), result.estimator.predict(store.features))
     out = predict(tmp_path / "p", [str(folder / "test")], workers=0)
     assert out.n_scored == 30 and out.accuracy == pytest.approx(result.metrics["top1"])
-    assert out.score_name == ("prob" if head == "knn" else "score")
+    assert out.score_name == ("score" if head == "ridge" else "prob")
+
+
+def test_sklearn_probes_saved_with_joblib_still_load(cached, tmp_path):
+    import joblib
+
+    _, store = cached
+    result = probe(store, head="sklearn", penalty=1e-3, out=tmp_path / "p")
+    meta = json.loads((tmp_path / "p" / "probe.json").read_text())
+    old = tmp_path / "old"
+    old.mkdir()
+    joblib.dump(result.estimator, old / "probe.joblib")  # what earlier versions wrote
+    (old / "probe.json").write_text(json.dumps({k: v for k, v in meta.items() if k not in ("tensors_sha256", "task")}))
+    loaded = load_probe(old)
+    np.testing.assert_array_equal(loaded.estimator.predict(store.features), result.estimator.predict(store.features))
 
 
 def test_knn_artifact_needs_its_cache_entry(cached, tmp_path):
@@ -141,6 +156,8 @@ def test_regression_probe_reports_r2_and_predict_reproduces_it(tmp_path):
     assert out.rows[0].true_values is not None and len(out.rows[0].values) == 2
     unlabelled = predict(tmp_path / "p", [str(tmp_path / "d" / "img000.png")], workers=0)
     assert unlabelled.metrics is None and unlabelled.rows[0].true_values is None
+    with pytest.raises(ConfigError, match="fits regression targets; fine-tuning trains a class head"):
+        rebuild_backbone(load_probe(tmp_path / "p"), None)
 
 
 def test_multilabel_probe_reports_map_and_predict_reproduces_it(tmp_path):
