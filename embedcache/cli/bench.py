@@ -17,13 +17,16 @@ from embedcache.cli.common import (
     workers_option,
 )
 from embedcache.cli.probe import head_option
+from embedcache.heads.registry import HEADS
 
 
 @click.command("bench")
 @click.argument("data")
 @click.option("--backbones", required=True,
               help="Comma-separated NAME[@SIZE][=WEIGHTS], e.g. efficientnet_lite0,resnet18=none,pixels@28.")
-@head_option
+@click.option("--heads", "--head", "heads", default="torch", show_default=True,
+              help=f"Comma-separated heads, each probed on every backbone: {', '.join(HEADS)} "
+                   f"(e.g. torch,knn,ridge: one leaderboard row per backbone and head).")
 @click.option("--image-size", type=int, default=None, help="Input size for backbones without @SIZE.")
 @batch_size_option
 @workers_option
@@ -33,14 +36,15 @@ from embedcache.cli.probe import head_option
               help="Write leaderboard.json/.csv/.md (and .png with matplotlib) here.")
 @cache_dir_option
 @handle_errors
-def bench_command(data: str, backbones: str, out: Path | None, **options: object) -> None:
-    """Leaderboard of linear probes across backbones on DATA.
+def bench_command(data: str, backbones: str, heads: str, out: Path | None, **options: object) -> None:
+    """Leaderboard of probes across backbones (and heads) on DATA.
 
     \b
-    Per backbone: extract (a cache hit when the entry exists), then the probe protocol
-    (penalty swept on val only, refit on train+val, one test score). A second run of the same
-    command only trains probes. Add `pixels` to see whether a backbone beats raw pixels,
-    and e.g. `resnet18=none` for a randomly initialised network.
+    Per backbone: extract (a cache hit when the entry exists), then the probe protocol with
+    each of --heads (penalty or k chosen on val only, refit on train+val, one test score).
+    A second run of the same command only trains probes. Add `pixels` to see whether a
+    backbone beats raw pixels, and e.g. `resnet18=none` for a randomly initialised network;
+    `--heads torch,knn,ridge` puts the L-BFGS, k-NN and ridge probes side by side.
     """
     from embedcache.experiments.bench import bench
     from embedcache.experiments.reports import leaderboard_table
@@ -51,8 +55,13 @@ def bench_command(data: str, backbones: str, out: Path | None, **options: object
         close()
         click.echo(message, err=True)
 
+    names = [h.strip() for h in heads.split(",") if h.strip()]
+    unknown = [h for h in names if h not in HEADS]
+    if unknown or not names:
+        raise click.BadParameter(f"expected comma-separated heads from {list(HEADS)}, got {heads!r}",
+                                 param_hint="--heads")
     try:
-        result = bench(data, [b for b in backbones.split(",") if b.strip()], out=out, progress=line,
+        result = bench(data, [b for b in backbones.split(",") if b.strip()], heads=names, out=out, progress=line,
                        extract_progress=update, **options)
     finally:
         close()

@@ -52,16 +52,24 @@ if TYPE_CHECKING:
               help="Hold-out to test when DATA has no splits.")
 @click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of that stratified hold-out.")
 @click.option("--no-incremental", is_flag=True, help="Do not copy rows of unchanged files from an older entry.")
+@click.option("--target", "target", default=None,
+              help="CSV manifests: a numeric column to store as each image's target (e.g. age).")
+@click.option("--targets", "targets", default=None,
+              help="CSV manifests: several numeric target columns, comma-separated (e.g. x1,y1,x2,y2).")
 @json_option
 @cache_dir_option
 @handle_errors
-def extract_command(data: str, no_incremental: bool, as_json: bool, **options: object) -> None:
+def extract_command(data: str, no_incremental: bool, as_json: bool, target: str | None, targets: str | None,
+                    **options: object) -> None:
     """Extract pooled features of DATA once into the cache.
 
     \b
     DATA is one of:
       ROOT/                      class folders ROOT/<class>/<img>, or ROOT/{train,val,test}/<class>/<img>
       manifest.csv               columns path,label[,split]; paths relative to the CSV
+                                 path,labels[,split]: label sets, labels like top;clothing
+                                 path,age[,split] with --target age (or --targets x1,y1,...):
+                                 numeric targets, fitted by `embedcache probe` with ridge
       images.npz                 arrays train_images, train_labels, class_names (+ val_/test_)
       torchvision:NAME:ROOT      a torchvision dataset from local files, e.g.
                                  torchvision:FashionMNIST:/usr/share/datasets/fashion-mnist
@@ -73,9 +81,10 @@ def extract_command(data: str, no_incremental: bool, as_json: bool, **options: o
     """
     from embedcache.extraction.extract import extract
 
+    names = ([target] if target else []) + [t.strip() for t in (targets or "").split(",") if t.strip()]
     update, close = progress_bar()
     try:
-        store = extract(data, incremental=not no_incremental, progress=update, **options)
+        store = extract(data, incremental=not no_incremental, progress=update, targets=names or None, **options)
     finally:
         close()
     stats = store.stats

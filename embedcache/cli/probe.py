@@ -17,29 +17,41 @@ from embedcache.cli.common import (
     handle_errors,
     json_option,
     parse_floats,
+    parse_ints,
     progress_bar,
     table,
     warn_if_pickle,
     workers_option,
 )
-from embedcache.heads.registry import HEADS
+from embedcache.heads.registry import HEADS, LINEAR_HEADS
 
 if TYPE_CHECKING:
     from embedcache.experiments.predict import PredictResult
     from embedcache.experiments.protocol import ProbeResult
 
-head_option = click.option("--head", type=click.Choice(HEADS), default="torch", show_default=True,
+head_option = click.option("--head", type=click.Choice(LINEAR_HEADS), default="torch", show_default=True,
                            help="torch: full-batch L-BFGS; sklearn: LogisticRegression(lbfgs). Same objective.")
+probe_head_option = click.option(
+    "--head", type=click.Choice(HEADS), default=None,
+    help="torch: softmax by full-batch L-BFGS (label sets: one sigmoid per class); sklearn: "
+         "LogisticRegression(lbfgs), same objective; knn: cosine k-NN, temperature-weighted votes, k chosen "
+         "on val; ridge: closed-form ridge path (50 penalties from one eigendecomposition). "
+         "Default: torch, or ridge for numeric targets (the only head for them).")
 
 
 @click.command("probe")
 @click.argument("entry")
-@head_option
+@probe_head_option
 @click.option("--penalty", type=float, default=None,
               help="Use this L2 penalty and skip the sweep (C = 1/(penalty*n) in sklearn terms).")
 @click.option("--sweep/--no-sweep", default=True, show_default=True,
               help="Sweep the penalty on a log grid, choosing on the val split only.")
-@click.option("--penalties", default=None, help="Sweep grid, comma-separated (default: 11 values 1e-6..1e-1).")
+@click.option("--penalties", default=None,
+              help="Sweep grid, comma-separated (default: 11 values 1e-6..1e-1; ridge: 50 values 1e-5..1e3).")
+@click.option("--k", "k", type=int, default=None, help="k-NN: use this k and skip choosing it on val.")
+@click.option("--ks", default=None, help="k-NN: the k grid chosen from on val, comma-separated (default 10,20,100,200).")
+@click.option("--temperature", type=float, default=0.07, show_default=True,
+              help="k-NN: votes weigh softmax(cosine similarity / temperature).")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Hold-out of train used for selection when the cache has no val split.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of that hold-out.")
@@ -49,27 +61,40 @@ head_option = click.option("--head", type=click.Choice(HEADS), default="torch", 
               help="Solver iterations at most, for every fit [default: budgets that scale with the data for a "
                    "sweep; 1000 for a fixed --penalty].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Write probe.safetensors|probe.joblib, probe.json, report.json, confusion.png here.")
+              help="Write probe.safetensors, probe.json, report.json (and confusion.png) here.")
 @json_option
 @cache_dir_option
 @handle_errors
-def probe_command(entry: str, penalty: float | None, sweep: bool, penalties: str | None,
+def probe_command(entry: str, penalty: float | None, sweep: bool, penalties: str | None, ks: str | None,
                   no_standardize: bool, as_json: bool, **options: object) -> None:
-    """Train a linear probe on a cache entry and report test metrics.
+    """Train a probe on a cache entry and report test metrics.
 
     \b
-    Protocol: sweep the penalty on the val split only (the cache's val split, else a
-    stratified seeded hold-out of train), refit on train+val with the chosen value, score
-    once on test. ENTRY is an .h5 path or a cache-key prefix (see `embedcache ls`).
+    Protocol: choose on the val split only (the cache's val split, else a seeded hold-out
+    of train, stratified by class), refit on train+val with the chosen value, score once on
+    test. ENTRY is an .h5 path or a cache-key prefix (see `embedcache ls`).
+
+    \b
+    What the entry's rows carry decides the task:
+      one class each     --head torch|sklearn|knn|ridge   test top-1, top-5, macro-F1
+      numeric targets    --head ridge (default)           MAE, RMSE, R² per target
+      label sets         --head torch (default)           mAP, micro/macro-F1
+    (numeric targets and label sets come from a CSV manifest: `embedcache extract --help`).
     """
     from embedcache.experiments.protocol import probe
 
-    if penalty is None and not sweep:
-        raise click.UsageError("--no-sweep needs --penalty VALUE.")
+    if penalty is None and options.get("k") is None and not sweep:
+        raise click.UsageError("--no-sweep needs --penalty VALUE (k-NN: --k VALUE).")
     result = probe(entry, penalty=penalty, penalties=parse_floats(penalties, "--penalties"),
-                   standardize=not no_standardize, progress=lambda msg: click.echo(msg, err=True), **options)
+                   ks=parse_ints(ks, "--ks") if ks else None, standardize=not no_standardize,
+                   progress=lambda msg: click.echo(msg, err=True), **options)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    if result.task != "classes" or result.head not in LINEAR_HEADS:
+        from embedcache.cli.head_reports import probe_report
+
+        click.echo(probe_report(result))  # k-NN, ridge, numeric targets, label sets
         return
     click.echo(_probe_report(result))
     for note in result.notes:
@@ -116,7 +141,9 @@ def predict_command(probe_dir: Path, paths: tuple[str, ...], top_k: int, out_csv
     """Classify images with a saved probe (PATHS: image files, a folder, or any DATA form).
 
     The backbone is rebuilt from the probe's metadata. When the folder has class subfolders
-    matching the probe's classes, the accuracy is printed too.
+    matching the probe's classes, the accuracy is printed too. A probe of numeric targets
+    prints the predicted values, one of label sets the classes at or above its threshold;
+    given a CSV manifest with the targets (or a labels column), their metrics are printed.
     """
     from embedcache.experiments.predict import predict
 
@@ -126,6 +153,9 @@ def predict_command(probe_dir: Path, paths: tuple[str, ...], top_k: int, out_csv
         result = predict(probe_dir, list(paths), top_k=top_k, progress=update, **options)
     finally:
         close()
+    if result.task != "classes":  # numeric targets, label sets
+        _target_predictions(result, out_csv)
+        return
     if out_csv is not None:
         _write_predictions(result, out_csv, top_k)
     else:
@@ -146,10 +176,23 @@ def _write_predictions(result: PredictResult, out_csv: Path, top_k: int) -> None
 
     text = io.StringIO()
     writer = csv.writer(text)
-    writer.writerow(["path", "true"] + [f"{kind}{i + 1}" for i in range(top_k) for kind in ("pred", "prob")])
+    writer.writerow(["path", "true"] + [f"{kind}{i + 1}" for i in range(top_k) for kind in ("pred", result.score_name)])
     for r in result.rows:
         cells = [r.path, r.true or ""]
         for label, prob in zip(r.pred, r.prob, strict=True):
             cells += [label, f"{prob:.6f}"]
         writer.writerow(cells)
     atomic_write(out_csv, text.getvalue().encode("utf-8"))
+
+
+def _target_predictions(result: PredictResult, out_csv: Path | None) -> None:
+    from embedcache.cli.head_reports import prediction_lines, summary, write_predictions
+
+    if out_csv is not None:
+        write_predictions(result, out_csv)
+    else:
+        for line in prediction_lines(result):
+            click.echo(line)
+    for path, message in result.failures:
+        click.echo(f"failed: {path}: {message}", err=True)
+    click.echo(summary(result) + (f"; wrote {out_csv}" if out_csv is not None else ""))

@@ -12,6 +12,10 @@ A probe directory holds:
   backbone weights, named by ``weights_file`` in probe.json and used by ``predict`` automatically.
 
 ``predict`` needs only this directory: it rebuilds the backbone from the metadata.
+
+The k-NN, ridge and sklearn heads and probes of numeric targets or label sets are written and
+read by :mod:`~embedcache.experiments.head_artifacts` (safetensors, no pickle); ``probe.joblib``
+is what earlier versions wrote for the sklearn head, and still loads here.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from typing import Any
 import numpy as np
 
 from embedcache.errors import ConfigError, WeightsError
+from embedcache.experiments import head_artifacts
 from embedcache.experiments.probe_files import (
+    ARTIFACT_VERSION,
     check_probe_files,
-    check_tensors,
+    load_tensors,
     read_meta,
     record_file,
     write_probe_dir,
@@ -40,7 +46,6 @@ from embedcache.models.build import get_backbone
 from embedcache.models.preprocess import PreprocessSpec
 from embedcache.store.fingerprint import software_versions
 
-ARTIFACT_VERSION = 2
 _COMPARED = ("name", "weights", "weights_sha256", "layer", "pool")
 
 
@@ -51,6 +56,8 @@ def save_probe(result: Any, store: Any, out: Path) -> Path:
     Files are written to temporary names and moved into place, so a crash never leaves a
     half-written probe behind.
     """
+    if head_artifacts.handles(result):  # k-NN, ridge, sklearn, numeric targets, label sets: head_artifacts.py
+        return head_artifacts.save_head_probe(result, store, out)
     est = result.estimator
     meta = {
         "artifact_version": ARTIFACT_VERSION,
@@ -70,12 +77,9 @@ def save_probe(result: Any, store: Any, out: Path) -> Path:
         "seed": result.seed,
         "versions": software_versions(),
     }
-    if result.head == "torch":
-        write_probe_dir(out, meta, {**result.to_dict(), "probe": meta},
-                        tensors={"coef": est.coef_, "intercept": est.intercept_, "classes": est.classes_,
-                                 "mean": est.mean_, "scale": est.scale_})
-    else:
-        write_probe_dir(out, meta, {**result.to_dict(), "probe": meta}, estimator=est)
+    write_probe_dir(out, meta, {**result.to_dict(), "probe": meta},
+                    tensors={"coef": est.coef_, "intercept": est.intercept_, "classes": est.classes_,
+                             "mean": est.mean_, "scale": est.scale_})
     save_confusion_png(result.metrics, str(out / "confusion.png"),
                        title=f"{store.backbone.get('name')} + {result.head} probe: "
                              f"test top-1 {result.metrics['top1']:.3f}")
@@ -170,6 +174,8 @@ def load_probe(path: str | os.PathLike) -> LoadedProbe:
     path = Path(path)
     directory = path.parent if path.is_file() else path
     meta = read_meta(directory)
+    if head_artifacts.handles_meta(meta):  # k-NN, ridge, sklearn, numeric targets, label sets: head_artifacts.py
+        return LoadedProbe(head_artifacts.load_head(meta, directory), meta, directory)
     head = meta.get("head")
     if head not in ("torch", "sklearn"):
         raise ConfigError(f"{str(directory / 'probe.json')!r} names an unknown head {head!r}.")
@@ -182,20 +188,13 @@ def load_probe(path: str | os.PathLike) -> LoadedProbe:
 
 
 def _load_torch_head(weights_file: Path, meta: dict[str, Any]) -> TorchLinearProbe:
-    from safetensors import safe_open
-
+    tensors = load_tensors(weights_file, meta)
     try:
-        with safe_open(str(weights_file), framework="numpy") as handle:
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - not a dict
-            header = handle.metadata() or {}
-        check_tensors(weights_file, tensors, meta, header)
         return TorchLinearProbe.from_coefficients(
             coef=tensors["coef"], intercept=tensors["intercept"], classes=tensors["classes"],
             mean=tensors["mean"], scale=tensors["scale"], penalty=meta["penalty"], standardize=meta["standardize"])
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - corrupt or foreign file: name it, never a traceback
-        raise ConfigError(f"Cannot load probe weights {str(weights_file)!r} ({exc}).") from exc
+    except (KeyError, TypeError, ValueError) as exc:  # a foreign file: name it, never a traceback
+        raise ConfigError(f"Cannot load probe weights {str(weights_file)!r} ({type(exc).__name__}: {exc}).") from exc
 
 
 def _load_sklearn_head(weights_file: Path, meta: dict[str, Any]) -> SklearnProbe:

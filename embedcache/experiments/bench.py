@@ -1,6 +1,7 @@
-"""``bench``: a leaderboard of linear probes across backbones on one data set.
+"""``bench``: a leaderboard of probes across backbones (and heads) on one data set.
 
-Per backbone: extract (a cache hit when the entry exists), then the probe protocol. A second run
+Per backbone: extract (a cache hit when the entry exists), then the probe protocol with each
+head (``heads``: e.g. torch, knn, ridge), one leaderboard row per (backbone, head). A second run
 of the same command only trains probes.
 """
 
@@ -17,6 +18,7 @@ from embedcache.errors import ConfigError
 from embedcache.experiments.protocol import probe
 from embedcache.experiments.reports import write_leaderboard
 from embedcache.extraction.extract import extract
+from embedcache.heads.registry import check_head
 
 
 @dataclass(frozen=True)
@@ -51,12 +53,14 @@ def parse_backbone_item(item: str) -> BackboneItem:
 
 @dataclass
 class BenchRow:
-    """One backbone's line of the leaderboard."""
+    """One (backbone, head) line of the leaderboard (``penalty`` None for k-NN, ``k`` its k)."""
 
     backbone: str
+    head: str
     test_top1: float
     test_balanced_accuracy: float
-    penalty: float
+    penalty: float | None
+    k: int | None
     dim: int
     image_size: int
     weights: str | None
@@ -76,24 +80,26 @@ class BenchResult:
     head: str
     seed: int
     rows: list[BenchRow]
+    heads: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"data": self.data, "head": self.head, "seed": self.seed,
+        return {"data": self.data, "head": self.head, "heads": self.heads or [self.head], "seed": self.seed,
                 "rows": [dataclasses.asdict(r) for r in self.rows]}
 
 
 def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
-          image_size: int | None = None, cache_dir: str | os.PathLike | None = None,
+          heads: list[str] | None = None, image_size: int | None = None, cache_dir: str | os.PathLike | None = None,
           out: str | os.PathLike | None = None, batch_size: int = 64, workers: int | None = None,
           device: str = "auto", seed: int = 0,
           progress: Callable[[str], None] | None = None,
           extract_progress: Callable[[Any], None] | None = None) -> BenchResult:
-    """Leaderboard of linear probes across backbones on one dataset.
+    """Leaderboard of probes across backbones (and heads) on one dataset.
 
     Args:
         data: any DATA form accepted by :func:`embedcache.extract`.
         backbones: items ``NAME[@SIZE][=WEIGHTS]``; ``@SIZE`` overrides ``image_size``.
-        head: probe head, ``torch`` or ``sklearn``.
+        head: probe head, ``torch``, ``sklearn``, ``knn`` or ``ridge`` (when ``heads`` is not given).
+        heads: several heads, each probed on every backbone's entry (one row per pair).
         image_size: input size for backbones without their own ``@SIZE``.
         cache_dir: cache location.
         out: directory for leaderboard.json/.csv/.md (and .png with matplotlib).
@@ -101,32 +107,42 @@ def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
         workers: extraction decoding workers.
         device: extraction device.
         seed: seed of the probe's validation hold-out.
-        progress: called with one line per finished backbone.
+        progress: called with one line per finished (backbone, head).
         extract_progress: passed to :func:`embedcache.extract` as its progress callback.
     """
     if not backbones:
         raise ConfigError("The 'backbones' list is empty; name at least one (e.g. efficientnet_lite0,pixels).")
     items = [parse_backbone_item(b) for b in backbones]  # all checked before any extraction
+    names = list(dict.fromkeys(heads)) if heads else [head]
+    for name in names:
+        check_head(name)
     rows = []
     for item in items:
         store = extract(data, backbone=item.backbone, weights=item.weights,
                         image_size=image_size if item.image_size is None else item.image_size, cache_dir=cache_dir,
                         batch_size=batch_size, workers=workers, device=device, progress=extract_progress)
-        result = probe(store, head=head, seed=seed)
-        rate = store.attrs.get("extract_images_per_s")
-        row = BenchRow(
-            backbone=item.label, test_top1=result.metrics["top1"],
-            test_balanced_accuracy=result.metrics["balanced_accuracy"], penalty=result.penalty,
-            dim=int(store.attrs["dim"]), image_size=int(store.attrs["preprocess"]["crop_size"]),
-            weights=store.backbone.get("weights"), extract_images_per_s=None if not rate else float(rate),
-            probe_seconds=result.total_seconds, cache_hit=store.cache_hit, cache=str(store.path),
-            n_train=result.split_sizes["train"] + result.split_sizes["val"], n_test=result.split_sizes["test"])
-        rows.append(row)
-        if progress:
-            progress(f"{row.backbone}: test top-1 {row.test_top1:.4f} "
-                     f"({'cache hit' if row.cache_hit else 'extracted'}, probe {row.probe_seconds:.1f} s)")
+        if store.task != "classes":
+            raise ConfigError(f"bench ranks class labels by test top-1; {data!s} carries {store.task} targets. "
+                              f"Use `embedcache probe ENTRY` for them.")
+        for name in names:
+            rows.append(_row(item, store, probe(store, head=name, seed=seed)))
+            if progress:
+                row = rows[-1]
+                progress(f"{row.backbone} + {row.head}: test top-1 {row.test_top1:.4f} "
+                         f"({'cache hit' if row.cache_hit else 'extracted'}, probe {row.probe_seconds:.1f} s)")
     rows.sort(key=lambda r: -r.test_top1)
-    result = BenchResult(str(data), head, seed, rows)
+    result = BenchResult(str(data), ",".join(names), seed, rows, names)
     if out is not None:
         write_leaderboard(result.to_dict(), Path(out))
     return result
+
+
+def _row(item: BackboneItem, store: Any, result: Any) -> BenchRow:
+    rate = store.attrs.get("extract_images_per_s")
+    return BenchRow(
+        backbone=item.label, head=result.head, test_top1=result.metrics["top1"],
+        test_balanced_accuracy=result.metrics["balanced_accuracy"], penalty=result.penalty,
+        k=result.chosen.get("k"), dim=int(store.attrs["dim"]), image_size=int(store.attrs["preprocess"]["crop_size"]),
+        weights=store.backbone.get("weights"), extract_images_per_s=None if not rate else float(rate),
+        probe_seconds=result.total_seconds, cache_hit=store.cache_hit, cache=str(store.path),
+        n_train=result.split_sizes["train"] + result.split_sizes["val"], n_test=result.split_sizes["test"])

@@ -22,7 +22,7 @@ from embedcache.experiments.protocol import open_store
 from embedcache.experiments.reports import write_fewshot
 from embedcache.heads.linear import predict_linear
 from embedcache.heads.many import fit_many_torch
-from embedcache.heads.registry import check_head, make_head
+from embedcache.heads.registry import LINEAR_HEADS, check_head, make_head
 from embedcache.heads.torch_probe import check_penalty
 from embedcache.heads.validation import check_features, check_labels
 from embedcache.splits import Split
@@ -114,7 +114,7 @@ def fewshot(entry: str | os.PathLike | FeatureStore, *, shots: Sequence[int] = D
     """
     started = time.perf_counter()
     shots = _check_grid(shots, seeds)
-    check_head(head)
+    check_head(head, allowed=LINEAR_HEADS)
     penalty = check_penalty("fewshot", penalty, strictly_positive=head == "sklearn")
     store = open_store(entry, cache_dir)
     features = check_features(store.features, name="cached features")  # validated once, here

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from embedcache.errors import ConfigError
 from embedcache.experiments.artifacts import load_probe, normalise_class_name
+from embedcache.experiments.predict_targets import class_scores, target_outputs, truth_options
 from embedcache.extraction.loop import Progress, compute_features
 from embedcache.runtime import check_workers, resolve_device
 from embedcache.sources.base import FileSource, ImageSource, Sample
@@ -22,12 +23,16 @@ from embedcache.splits import Split
 @dataclass
 class Prediction:
     """One classified image: its path, true class name (None when unknown), top-k classes and
-    probabilities."""
+    probabilities (the ridge head: scores). Label sets: ``true``/``pred`` the sets (``pred`` the
+    classes at or above the probe's threshold, ``prob`` theirs) and ``values`` every class's
+    probability. Numeric targets: ``values`` the predictions, ``true_values`` the truth."""
 
     path: str
     true: str | None
     pred: list[str]
     prob: list[float]
+    values: list[float] | None = None
+    true_values: list[float] | None = None
 
 
 @dataclass
@@ -39,6 +44,10 @@ class PredictResult:
     accuracy: float | None
     n_scored: int
     root: str
+    task: str = "classes"
+    names: list[str] = field(default_factory=list)
+    metrics: dict | None = None
+    score_name: str = "prob"
 
 
 def predict(probe_path: str | os.PathLike, inputs: Sequence[str], *, top_k: int = 1, batch_size: int = 64,
@@ -55,21 +64,24 @@ def predict(probe_path: str | os.PathLike, inputs: Sequence[str], *, top_k: int 
         progress: called after every batch.
 
     Returns:
-        The predictions; ``accuracy`` when the inputs carry labels named like the probe's classes.
+        The predictions; ``accuracy`` when the inputs carry labels named like the probe's classes;
+        for numeric targets and label sets ``metrics`` when a CSV manifest carries the truth.
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ConfigError(f"The 'top_k' parameter must be a positive int. Got {top_k!r}.")
     workers = check_workers(workers)
     loaded = load_probe(probe_path)
     bb = loaded.build_backbone(weights_path)
-    source = _open_inputs(list(inputs))
+    source = _open_inputs(list(inputs), **truth_options(loaded.metadata, list(inputs)))
     precision = loaded.metadata.get("precision") or "auto"
     if precision == "fp16" and resolve_device(device).type == "cpu":
         precision = "auto"  # recorded on a GPU; CPUs have no fp16 autocast: use this machine's best
     rows_idx, features, failures = compute_features(bb, source, batch_size=batch_size, workers=workers,
                                                     device=device, precision=precision, progress=progress)
+    if loaded.metadata.get("task", "classes") != "classes":  # numeric targets, label sets: predict_targets.py
+        return _target_result(loaded, source, rows_idx, features, failures)
     names = loaded.class_names
-    proba = loaded.predict_proba(features) if len(features) else np.zeros((0, len(names)))
+    proba, score_name = class_scores(loaded.estimator, features) if len(features) else (np.zeros((0, len(names))), "prob")
     classes = np.asarray(loaded.estimator.classes_)
     k = min(top_k, proba.shape[1]) if proba.size else top_k
     order = np.argsort(-proba, axis=1)[:, :k]
@@ -80,7 +92,26 @@ def predict(probe_path: str | os.PathLike, inputs: Sequence[str], *, top_k: int 
         rows.append(Prediction(source.samples[row].path, truth[row], labels, [float(proba[pos, j]) for j in order[pos]]))
     scored = [r for r in rows if r.true is not None]
     accuracy = float(np.mean([r.pred[0] == r.true for r in scored])) if scored else None
-    return PredictResult(rows, [(source.samples[i].path, m) for i, m in failures], accuracy, len(scored), source.root)
+    return PredictResult(rows, [(source.samples[i].path, m) for i, m in failures], accuracy, len(scored), source.root,
+                         score_name=score_name)
+
+
+def _target_result(loaded: object, source: ImageSource, rows_idx: np.ndarray, features: np.ndarray,
+                   failures: list[tuple[int, str]]) -> PredictResult:
+    out = target_outputs(loaded, source, rows_idx, features)
+    rows = []
+    for pos, row in enumerate(rows_idx.tolist()):
+        values = [float(v) for v in out.values[pos]]
+        if out.sets is None:
+            truth = None if out.true_values is None else [float(v) for v in out.true_values[pos]]
+            rows.append(Prediction(source.samples[row].path, None, [], [], values, truth))
+        else:
+            probs = [values[out.names.index(n)] for n in out.sets[pos]]
+            rows.append(Prediction(source.samples[row].path, None if out.true_sets is None else out.true_sets[pos],
+                                   out.sets[pos], probs, values))
+    n_scored = len(rows) if out.metrics is not None else 0
+    return PredictResult(rows, [(source.samples[i].path, m) for i, m in failures], None, n_scored, source.root,
+                         task=loaded.metadata["task"], names=out.names, metrics=out.metrics)
 
 
 def _true_labels(source: ImageSource, probe_names: list[str]) -> list[str | None]:
@@ -95,11 +126,11 @@ def _true_labels(source: ImageSource, probe_names: list[str]) -> list[str | None
     return out
 
 
-def _open_inputs(inputs: list[str]) -> ImageSource:
+def _open_inputs(inputs: list[str], **options: object) -> ImageSource:
     if not inputs:
         raise ConfigError("Give at least one image file or folder to classify.")
     if len(inputs) == 1 and (not Path(inputs[0]).is_file() or inputs[0].lower().endswith((".csv", ".npz"))):
-        return open_source(inputs[0])
+        return open_source(inputs[0], **options)
     files = [Path(p).resolve() for p in inputs]
     missing = [str(p) for p in files if not p.is_file()]
     if missing:

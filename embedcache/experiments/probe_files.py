@@ -1,18 +1,17 @@
 """A probe directory written as a unit and checked as one.
 
-The weights file (``probe.safetensors``, ``probe.joblib``), ``report.json`` and ``probe.json`` are
+The weights file (``probe.safetensors``), ``report.json`` and ``probe.json`` are
 all written to fresh temporary names first, then renamed into place, ``probe.json`` last: a full
 disk leaves the previous probe untouched. ``probe.json`` records the sha256 and size of every
 other file (a fine-tuned ``backbone.safetensors`` too) and the tensor shapes. Loading checks them before anything is used, so a crash between two renames, a
 swapped or symlinked weights file, or a ``probe.json`` that no longer matches its weights is
-refused with a named error instead of being used. A ``probe.joblib`` is checked before it is
-unpickled.
+refused with a named error instead of being used. A ``probe.joblib`` (what earlier versions wrote
+for the sklearn head) is checked the same way before it is unpickled.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ import numpy as np
 from embedcache.errors import ConfigError
 from embedcache.fileio import named_write_errors, publish, stage_write
 
+#: Version of the probe directory layout (probe.json ``artifact_version``).
+ARTIFACT_VERSION = 2
 #: The manifest: written last, it vouches for the other files.
 META = "probe.json"
 REPORT = "report.json"
@@ -43,35 +44,28 @@ def _record(data: bytes) -> dict[str, Any]:
 
 
 def tensors_bytes(tensors: dict[str, Any], meta: dict[str, Any]) -> tuple[bytes, dict[str, list[int]]]:
-    """safetensors bytes of ``tensors`` (classes int64, the rest float32) with the classes and
+    """safetensors bytes of ``tensors`` (integers as int64, the rest float32) with the classes and
     class names also in the file's own metadata; and the shapes, for probe.json."""
     from safetensors.numpy import save
 
-    arrays = {k: np.ascontiguousarray(v, dtype=np.int64 if k == "classes" else np.float32) for k, v in tensors.items()}
+    arrays = {k: np.ascontiguousarray(v, dtype=np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer)
+                                      or k == "classes" else np.float32) for k, v in tensors.items()}
     header = {"classes": json.dumps([int(c) for c in arrays["classes"]]),
               "class_names": json.dumps(list(meta.get("class_names", [])))} if "classes" in arrays else {}
     return save(arrays, metadata=header), {k: list(v.shape) for k, v in arrays.items()}
 
 
-def write_probe_dir(out: Path, meta: dict[str, Any], report: dict[str, Any], *,
-                    tensors: dict[str, Any] | None = None, estimator: Any = None,
+def write_probe_dir(out: Path, meta: dict[str, Any], report: dict[str, Any], *, tensors: dict[str, Any],
                     files: dict[str, dict[str, Any]] | None = None) -> None:
-    """Write probe.safetensors (``tensors``) or probe.joblib (``estimator``), report.json, and
-    last probe.json with the sha256 of each (plus any already written ``files``, such as a
-    fine-tuned backbone)."""
+    """Write probe.safetensors (``tensors``), report.json, and last probe.json with the sha256 of
+    each (plus any already written ``files``, such as a fine-tuned backbone). Nothing here
+    writes pickle; ``probe.joblib`` directories of earlier versions still load."""
     with named_write_errors(out):
         out.mkdir(parents=True, exist_ok=True)
     listed = dict(files or {})
     meta = dict(meta)
     contents: dict[str, bytes] = {}
-    if tensors is not None:
-        contents["probe.safetensors"], meta["tensor_shapes"] = tensors_bytes(tensors, meta)
-    else:
-        import joblib
-
-        buffer = io.BytesIO()
-        joblib.dump(estimator, buffer)
-        contents["probe.joblib"] = buffer.getvalue()
+    contents["probe.safetensors"], meta["tensor_shapes"] = tensors_bytes(tensors, meta)
     contents[REPORT] = json.dumps(report, indent=2).encode()
     listed.update({name: _record(data) for name, data in contents.items()})
     meta[FILES_KEY] = listed
@@ -113,6 +107,21 @@ def check_probe_files(directory: Path, meta: dict[str, Any]) -> None:
                 f"inconsistent (an interrupted write, or a file swapped in from elsewhere). Re-run "
                 f"`embedcache probe ... --out {directory}`."
             )
+
+
+def load_tensors(path: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The tensors of a probe's safetensors file (listed in probe.json and already checked by
+    :func:`check_probe_files`), checked against probe.json by :func:`check_tensors`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - not a dict
+            header = handle.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - corrupt or foreign file: name it, never a traceback
+        raise ConfigError(f"Cannot load probe weights {str(path)!r} ({exc}).") from exc
+    check_tensors(path, tensors, meta, header)
+    return tensors
 
 
 def check_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, Any], header: dict[str, str]) -> None:

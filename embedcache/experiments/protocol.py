@@ -1,6 +1,10 @@
 """The probe protocol on a cache entry: choose the penalty on validation rows only, refit on
 train+val, score once on test.
 
+The linear softmax heads (torch, sklearn) sweep here through :mod:`~embedcache.heads.sweep`; the
+k-NN and ridge heads and entries with numeric targets or label sets are fitted by
+:mod:`~embedcache.experiments.head_fits` on the same split.
+
 Validation rows are the cache's ``val`` split, else a stratified seeded hold-out of ``train``
 (``val_fraction``, ``seed``: both recorded, so fine-tuning can hold out the very same rows).
 Train, val and test are checked disjoint; unlabelled rows are never used.
@@ -19,8 +23,11 @@ import numpy as np
 
 from embedcache.errors import ConfigError
 from embedcache.experiments.artifacts import save_probe
+from embedcache.experiments.head_fits import Rows, check_options, fit_head
+from embedcache.heads.knn import DEFAULT_TEMPERATURE
 from embedcache.heads.metrics import classification_report
-from embedcache.heads.registry import check_head
+from embedcache.heads.registry import LINEAR_HEADS, resolve_head
+from embedcache.heads.selection import Selection
 from embedcache.heads.sweep import DEFAULT_PENALTIES, SweepResult, fit_fixed, sweep_and_refit
 from embedcache.heads.torch_probe import check_penalty
 from embedcache.heads.validation import check_features, check_labels
@@ -75,8 +82,9 @@ def split_for_probe(labels: np.ndarray, splits: np.ndarray, keys: np.ndarray, *,
             )
         held = holdout_splits([str(k) for k in keys[train]], labels[train], val_fraction=val_fraction,
                               test_fraction=0.0, seed=seed)
+        stratified = "stratified, " if len(np.unique(labels[train])) > 1 else ""
         val, train = train[held == Split.VAL], train[held == Split.TRAIN]
-        val_source = f"hold-out of {val_fraction:g} of train (stratified, seed {seed})"
+        val_source = f"hold-out of {val_fraction:g} of train ({stratified}seed {seed})"
     for name, rows in (("train", train), ("val", val), ("test", test)):
         if len(rows) == 0:
             raise ConfigError(
@@ -93,10 +101,16 @@ def split_for_probe(labels: np.ndarray, splits: np.ndarray, keys: np.ndarray, *,
 
 @dataclass
 class ProbeResult:
-    """What :func:`probe` returns (also written as report.json)."""
+    """What :func:`probe` returns (also written as report.json).
+
+    ``penalty`` is None for the k-NN head; ``selection`` is the validation table of the heads
+    fitted by :mod:`~embedcache.experiments.head_fits` (``sweep`` that of the linear heads);
+    ``chosen`` what was chosen (``k``, ``temperature``, ``penalty``, ``threshold``); ``task``
+    ``classes``, ``regression`` or ``multilabel``.
+    """
 
     head: str
-    penalty: float
+    penalty: float | None
     swept: bool
     sweep: SweepResult | None
     metrics: dict[str, Any]
@@ -110,10 +124,18 @@ class ProbeResult:
     store_path: str = ""
     artifact_dir: str | None = None
     notes: list[str] = field(default_factory=list)
+    task: str = "classes"
+    selection: Selection | None = None
+    chosen: dict[str, Any] = field(default_factory=dict)
+    target_names: list[str] = field(default_factory=list)
+    reference_positions: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "head": self.head,
+            "task": self.task,
+            "chosen": self.chosen,
+            "selection": None if self.selection is None else self.selection.to_dict(),
             "penalty": self.penalty,
             "swept": self.swept,
             "sweep": None if self.sweep is None else self.sweep.to_dict(),
@@ -137,18 +159,23 @@ def open_store(entry: str | os.PathLike | FeatureStore, cache_dir: str | os.Path
     return FeatureStore.open(resolve_entry(entry, cache_dir or default_cache_dir()))
 
 
-def probe(entry: str | os.PathLike | FeatureStore, *, head: str = "torch", penalty: float | None = None,
+def probe(entry: str | os.PathLike | FeatureStore, *, head: str | None = None, penalty: float | None = None,
           penalties: tuple[float, ...] | list[float] | None = None, val_fraction: float = DEFAULT_VAL_FRACTION,
           seed: int = 0, standardize: bool = True, device: str = "cpu", max_iter: int | None = None,
           out: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-          progress: Callable[[str], None] | None = None) -> ProbeResult:
-    """Train a linear head on a cache entry: sweep (or a fixed penalty), refit, test once.
+          progress: Callable[[str], None] | None = None, k: int | None = None,
+          ks: tuple[int, ...] | list[int] | None = None, temperature: float = DEFAULT_TEMPERATURE) -> ProbeResult:
+    """Train a head on a cache entry: choose on val (penalty sweep, or k), refit, test once.
+
+    What the entry's rows carry decides the task: one class each (heads ``torch``, ``sklearn``,
+    ``knn``, ``ridge``), numeric targets (``ridge``) or label sets (``torch``: one sigmoid per class).
 
     Args:
         entry: a FeatureStore, an ``.h5`` path, or a cache-key prefix.
-        head: ``torch`` (L-BFGS) or ``sklearn`` (LogisticRegression).
+        head: ``torch`` (L-BFGS), ``sklearn`` (LogisticRegression), ``knn`` (cosine k-NN) or
+            ``ridge`` (closed-form ridge path); default ``torch``, ``ridge`` for numeric targets.
         penalty: use this penalty and skip the sweep.
-        penalties: the sweep grid (default: 11 values from 1e-6 to 1e-1).
+        penalties: the sweep grid (default: 11 values from 1e-6 to 1e-1; ridge: 50 from 1e-5 to 1e3).
         val_fraction: hold-out from train for selection when the cache has no val split.
         seed: seed of that hold-out.
         standardize: standardise features (statistics from the fitting rows only).
@@ -158,37 +185,71 @@ def probe(entry: str | os.PathLike | FeatureStore, *, head: str = "torch", penal
         out: directory for the probe artifact, report.json and confusion.png.
         cache_dir: where to resolve a key prefix (default ``$EMBEDCACHE_DIR`` or ``./cache``).
         progress: called with a short message after each step.
+        k: k-NN: use this k and skip its choice; ks: the k grid (default 10, 20, 100, 200).
+        temperature: k-NN vote temperature (votes ``softmax(similarity / temperature)``).
     """
     store = open_store(entry, cache_dir)
     result = probe_arrays(store.features, store.labels, store.splits, store.paths, head=head,
                           penalty=penalty, penalties=penalties, val_fraction=val_fraction, seed=seed,
                           standardize=standardize, device=device, max_iter=max_iter,
-                          class_names=store.class_names, progress=progress)
+                          class_names=store.class_names, progress=progress, targets=store.targets,
+                          target_names=store.target_names, label_sets=store.label_sets, k=k, ks=ks,
+                          temperature=temperature)
     result.store_path = str(store.path)
     if out is not None:
         result.artifact_dir = str(save_probe(result, store, Path(out)))
     return result
 
 
+def task_of(targets: np.ndarray | None, label_sets: np.ndarray | None) -> str:
+    """``regression`` with numeric targets, ``multilabel`` with label sets, else ``classes``."""
+    return "regression" if targets is not None else "multilabel" if label_sets is not None else "classes"
+
+
 def probe_arrays(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, keys: np.ndarray, *,
-                 head: str = "torch", penalty: float | None = None,
+                 head: str | None = None, penalty: float | None = None,
                  penalties: tuple[float, ...] | list[float] | None = None,
                  val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0, standardize: bool = True,
                  device: str = "cpu", max_iter: int | None = None, class_names: list[str] | None = None,
-                 progress: Callable[[str], None] | None = None) -> ProbeResult:
-    """The probe protocol on in-memory arrays (features, labels, split codes, stable row keys)."""
+                 progress: Callable[[str], None] | None = None, targets: np.ndarray | None = None,
+                 target_names: list[str] | None = None, label_sets: np.ndarray | None = None,
+                 k: int | None = None, ks: tuple[int, ...] | list[int] | None = None,
+                 temperature: float = DEFAULT_TEMPERATURE) -> ProbeResult:
+    """The probe protocol on in-memory arrays (features, labels, split codes, stable row keys;
+    ``targets`` (n, T) or ``label_sets`` (n, C) for those tasks; other arguments as :func:`probe`)."""
     started = time.perf_counter()
-    check_head(head)
+    task = task_of(targets, label_sets)
+    head = resolve_head(head, task)
+    check_options(head, penalty=penalty, penalties=penalties, k=k, ks=ks)
     check_torch_device(device)
     features = check_features(features, name="features")
     labels, splits, keys = np.asarray(labels), np.asarray(splits), np.asarray(keys)
-    if not len(labels) == len(splits) == len(keys) == len(features):
-        raise ConfigError(f"features, labels, splits and keys must have one row each per sample; got "
-                          f"{len(features)}, {len(labels)}, {len(splits)} and {len(keys)} rows.")
-    parts = split_for_probe(labels, splits, keys, val_fraction=val_fraction, seed=seed)
+    extra = [len(a) for a in (targets, label_sets) if a is not None]
+    if not len(labels) == len(splits) == len(keys) == len(features) == (extra[0] if extra else len(labels)):
+        raise ConfigError(f"features, labels, splits and keys (and targets or label sets) must have one row each "
+                          f"per sample; got {len(features)}, {len(labels)}, {len(splits)}, {len(keys)} "
+                          f"(and {extra}) rows.")
+    strata = labels if task == "classes" else np.zeros(len(labels), np.int64)  # every row carries a target
+    parts = split_for_probe(strata, splits, keys, val_fraction=val_fraction, seed=seed)
+    if task == "classes":
+        check_labels(labels[parts.train], len(parts.train))
+    if task != "classes" or head not in LINEAR_HEADS:
+        fit = fit_head(task, head, features, Rows(parts.train, parts.val, parts.test), labels=labels,
+                       targets=targets, target_names=target_names, label_sets=label_sets, class_names=class_names,
+                       penalty=penalty, penalties=penalties, k=k, ks=ks, temperature=temperature,
+                       standardize=standardize, device=device, max_iter=max_iter)
+        if progress and fit.selection is not None:
+            sel = fit.selection
+            progress(f"{sel.parameter}: {len(sel.values)} values, best {sel.best_value:.3g} "
+                     f"(val {sel.metric} {sel.best_score:.4f})")
+        return ProbeResult(
+            head=head, penalty=fit.penalty, swept=fit.selection is not None, sweep=None, metrics=fit.metrics,
+            split_sizes=parts.sizes(), val_source=parts.val_source, val_fraction=parts.val_fraction, seed=seed,
+            fit_seconds=float(fit.estimator.fit_seconds_), total_seconds=time.perf_counter() - started,
+            estimator=fit.estimator, task=task, selection=fit.selection, chosen=fit.chosen,
+            target_names=list(target_names or []), reference_positions=fit.reference_positions)
     fit_rows = np.concatenate([parts.train, parts.val])  # train rows first: the sweep fits those
     X_fit, y_fit = features[fit_rows], labels[fit_rows]
-    check_labels(y_fit[:len(parts.train)], len(parts.train))
     sweep = None
     if penalty is None:
         sweep, estimator = sweep_and_refit(X_fit, y_fit, len(parts.train), head=head,
@@ -210,7 +271,7 @@ def probe_arrays(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, k
         head=head, penalty=chosen, swept=sweep is not None, sweep=sweep, metrics=metrics,
         split_sizes=parts.sizes(), val_source=parts.val_source, val_fraction=parts.val_fraction, seed=seed,
         fit_seconds=float(estimator.fit_seconds_), total_seconds=time.perf_counter() - started,
-        estimator=estimator, notes=notes,
+        estimator=estimator, notes=notes, chosen={"penalty": chosen},
     )
 
 

@@ -89,7 +89,8 @@ def save_curve_png(report: dict[str, Any], path: str) -> bool:
 
 
 LEADERBOARD_COLUMNS = [
-    ("backbone", "backbone", "{}"), ("test_top1", "test top-1", "{:.4f}"), ("penalty", "penalty", "{:.3g}"),
+    ("backbone", "backbone", "{}"), ("head", "head", "{}"), ("test_top1", "test top-1", "{:.4f}"),
+    ("penalty", "penalty", "{:.3g}"), ("k", "k", "{}"),
     ("dim", "dim", "{}"), ("image_size", "px", "{}"), ("extract_images_per_s", "extract img/s", "{:.0f}"),
     ("probe_seconds", "probe s", "{:.1f}"), ("cache_hit", "cache hit", "{}"),
 ]
@@ -98,7 +99,7 @@ LEADERBOARD_COLUMNS = [
 def leaderboard_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted cells of the leaderboard (shared by the CLI and Markdown)."""
     headers = [title for _, title, _ in LEADERBOARD_COLUMNS]
-    cells = [[("-" if row[key] is None else fmt.format(row[key])) for key, _, fmt in LEADERBOARD_COLUMNS]
+    cells = [[("-" if row.get(key) is None else fmt.format(row[key])) for key, _, fmt in LEADERBOARD_COLUMNS]
              for row in report["rows"]]
     return headers, cells
 
@@ -115,11 +116,13 @@ def write_leaderboard(report: dict[str, Any], out: Path) -> list[Path]:
     writer.writerows(report["rows"])
     atomic_write(written[1], text.getvalue().encode())
     headers, cells = leaderboard_table(report)
-    lines = [f"Linear-probe leaderboard on `{report['data']}` ({report['head']} head)", "",
+    heads = report.get("heads") or [report["head"]]
+    lines = [f"Probe leaderboard on `{report['data']}` ({', '.join(heads)} head{'s' if len(heads) > 1 else ''})", "",
              "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     atomic_write(written[2], ("\n".join(lines) + "\n").encode())
-    if bar_chart([r["backbone"] for r in report["rows"]], [r["test_top1"] for r in report["rows"]],
+    labels = [f"{r['backbone']} + {r['head']}" if len(heads) > 1 else r["backbone"] for r in report["rows"]]
+    if bar_chart(labels, [r["test_top1"] for r in report["rows"]],
                   out / "leaderboard.png", "test top-1"):
         written.append(out / "leaderboard.png")
     return written

@@ -37,7 +37,9 @@ def compute_entry(plan: ExtractionPlan, bb: Backbone, options: RunOptions,
     with StoreWriter(cache_dir=plan.cache_dir, cache_key=plan.cache_key, n=n, dim=plan.backbone.dim,
                      store_dtype=plan.store_dtype, attrs=plan.entry_attrs(), paths=[s.path for s in samples],
                      labels=[s.label for s in samples], splits=[s.split for s in samples],
-                     file_sizes=[s.size for s in samples], file_mtimes_ns=[s.mtime_ns for s in samples]) as writer:
+                     file_sizes=[s.size for s in samples], file_mtimes_ns=[s.mtime_ns for s in samples],
+                     targets=plan.source.target_array(), target_names=plan.source.target_names,
+                     label_sets=plan.source.label_set_array()) as writer:
         reused = _reuse_unchanged_rows(writer, plan) if options.incremental else 0
         batches = row_batches(writer.attempted, options.batch_size)
         loop_seconds = _write_batches(plan, bb, writer, batches, options, progress)

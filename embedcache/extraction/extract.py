@@ -65,6 +65,7 @@ def extract(
     val_fraction: float = 0.0,
     test_fraction: float = 0.2,
     split_seed: int = 0,
+    targets: list[str] | None = None,
     incremental: bool = True,
     progress: Callable[[Progress], None] | None = None,
 ) -> ExtractResult:
@@ -89,6 +90,9 @@ def extract(
         val_fraction: hold-out to the val split when the source has no splits.
         test_fraction: hold-out to the test split when the source has no splits.
         split_seed: seed of that stratified hold-out.
+        targets: numeric target columns of a CSV manifest (``--target``/``--targets``), stored
+            with the features (a ``labels`` column of ``;``-separated names is stored as label
+            sets without asking); they are part of the cache key.
         incremental: copy rows of unchanged files from an older entry of the same config.
         progress: called after every batch with a :class:`~embedcache.extraction.loop.Progress`.
 
@@ -103,7 +107,8 @@ def extract(
     plan = plan_extraction(data, backbone=backbone, weights=weights, weights_path=weights_path, layer=layer,
                            pool=pool, image_size=image_size, device=device, precision=precision,
                            store_dtype=store_dtype, cache_dir=cache_dir, unlabelled=unlabelled,
-                           val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed)
+                           val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
+                           targets=targets)
     options = RunOptions(batch_size, workers, parse_max_errors(max_errors, len(plan.source)), max_errors, incremental)
     warnings: list[str] = []
     hit = _cache_hit(plan, options, started, warnings)

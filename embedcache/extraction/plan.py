@@ -138,13 +138,15 @@ def plan_extraction(
     val_fraction: float = 0.0,
     test_fraction: float = 0.2,
     split_seed: int = 0,
+    targets: list[str] | None = None,
 ) -> ExtractionPlan:
     """Resolve everything that defines an entry (no model run); arguments as for
     :func:`~embedcache.extraction.extract.extract`."""
     if store_dtype not in STORE_DTYPES:
         raise ConfigError(f"The 'store_dtype' parameter must be one of {list(STORE_DTYPES)}. Got {store_dtype!r}.")
     source = data if isinstance(data, ImageSource) else open_source(
-        data, unlabelled=unlabelled, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed)
+        data, unlabelled=unlabelled, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
+        targets=targets)
     if len(source) == 0:
         raise ConfigError(f"The data source {source.description!r} holds no images.")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()

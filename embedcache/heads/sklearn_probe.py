@@ -60,3 +60,14 @@ class SklearnProbe(LinearClassifierMixin, ClassifierMixin, BaseEstimator):
         self.n_iter_ = int(np.max(self.model_.n_iter_))
         self.fit_seconds_ = time.perf_counter() - started
         return self
+
+    @classmethod
+    def from_coefficients(cls, *, coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray,
+                          mean: np.ndarray, scale: np.ndarray, **params: Any) -> SklearnProbe:
+        """A fitted probe from its solution on raw features (an artifact: no pickle). It predicts
+        like the probe it was saved from; without ``model_``, a warm-started refit starts afresh."""
+        probe = cls(**params)
+        probe.coef_, probe.intercept_ = np.asarray(coef, np.float32), np.asarray(intercept, np.float32)
+        probe.classes_, probe.mean_, probe.scale_ = np.asarray(classes), np.asarray(mean), np.asarray(scale)
+        probe.n_features_in_, probe.n_iter_, probe.fit_seconds_ = int(probe.coef_.shape[1]), 0, 0.0
+        return probe

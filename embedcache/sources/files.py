@@ -8,6 +8,7 @@ absolute paths, ``..`` and symlinks out of that folder are refused.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import errno
 import os
 import posixpath
@@ -15,6 +16,13 @@ from pathlib import Path
 
 from embedcache.errors import DataSourceError
 from embedcache.sources.base import FileSource, Sample, describe_source
+from embedcache.sources.targets import (
+    LABELS_COLUMN,
+    label_set_indices,
+    parse_label_set,
+    parse_targets,
+    target_columns,
+)
 from embedcache.splits import SPLIT_ALIASES, Split
 
 IMAGE_EXTENSIONS = frozenset(
@@ -153,12 +161,20 @@ def _require_images(samples: list[Sample], where: str) -> None:
         )
 
 
-def read_csv_manifest(csv_path: str | os.PathLike) -> FileSource:
+def read_csv_manifest(csv_path: str | os.PathLike, *, targets: list[str] | None = None,
+                      label_vocabulary: list[str] | None = None) -> FileSource:
     """Read a CSV manifest with header ``path,label[,split]``; paths relative to the CSV's folder.
 
     Rows are numbered like a spreadsheet (the header is row 1). Absolute paths, ``..`` components
     and symlinks resolving outside the CSV's folder are refused. An empty label means unlabelled;
     when some rows have a split and others not, the others go to train.
+
+    Args:
+        csv_path: the manifest.
+        targets: numeric target columns to read (``--target``/``--targets``), see
+            :mod:`~embedcache.sources.targets`; a ``labels`` column (``;``-separated names) is
+            read as label sets whenever present.
+        label_vocabulary: the only class names label sets may use, in this order (a probe's).
     """
     csv_path = os.path.abspath(os.fspath(csv_path))
     root = os.path.dirname(csv_path)
@@ -174,15 +190,28 @@ def read_csv_manifest(csv_path: str | os.PathLike) -> FileSource:
             f"CSV manifest {csv_path!r} must start with a header row naming the columns "
             f"path,label[,split]. Got {rows[0] if rows else 'an empty file'!r}."
         )
-    col = {name: header.index(name) for name in ("path", "label", "split") if name in header}
+    numeric = target_columns(header, targets, f"CSV manifest {csv_path!r}")  # issue 13: targets
+    multilabel = LABELS_COLUMN in header
+    if multilabel and "label" in header:
+        raise DataSourceError(f"CSV manifest {csv_path!r} has both a 'label' and a '{LABELS_COLUMN}' column; "
+                              f"use 'label' for one class per image or '{LABELS_COLUMN}' for label sets.")
+    col = {name: header.index(name) for name in ("path", "label", "split", LABELS_COLUMN) if name in header}
+    raw_rows: dict[int, list[str]] = {}
     entries: list[tuple[int, str, str, str]] = []  # (row number, path, label, split)
     for number, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
         cells = {k: (row[i].strip() if i < len(row) else "") for k, i in col.items()}
         entries.append((number, cells["path"], cells.get("label", ""), cells.get("split", "")))
+        raw_rows[number] = row
     has_split = any(split for _, _, _, split in entries)
     class_names = sorted({label for _, _, label, _ in entries if label})
+    label_sets: dict[int, tuple[int, ...]] = {}
+    if multilabel:
+        position = col[LABELS_COLUMN]
+        sets = [(number, parse_label_set(raw_rows[number][position] if position < len(raw_rows[number]) else "",
+                                         f"CSV manifest {csv_path!r} row {number}")) for number, *_ in entries]
+        class_names, label_sets = label_set_indices(sets, label_vocabulary, csv_path)
     index = {name: i for i, name in enumerate(class_names)}
     samples, seen, problems = [], {}, {}
     for number, raw, label, split_text in entries:
@@ -201,11 +230,17 @@ def read_csv_manifest(csv_path: str | os.PathLike) -> FileSource:
         full = os.path.join(root, *rel.split("/"))
         if not os.path.isfile(full):
             raise DataSourceError(f"{where}: file {rel!r} does not exist (looked at {full!r}).")
-        samples.append(_file_sample(root, full, index[label] if label else -1, split, problems))
+        sample = _file_sample(root, full, index[label] if label and not multilabel else -1, split,
+                              problems)
+        if numeric or multilabel:
+            sample = dataclasses.replace(sample, target=parse_targets(raw_rows[number], numeric, where),
+                                         label_set=label_sets.get(number) if multilabel else None)
+        samples.append(sample)
     samples.sort(key=lambda s: s.path)
     _require_images(samples, csv_path)
     return FileSource(kind="csv", root=root, samples=samples, class_names=class_names,
-                      description=describe_source("csv", csv_path, class_names, len(samples)), problems=problems)
+                      description=describe_source("csv", csv_path, class_names, len(samples)),
+                      target_names=[name for name, _ in numeric], multilabel=multilabel, problems=problems)
 
 
 def _safe_relative(raw: str, root: str, real_root: str, where: str) -> str:

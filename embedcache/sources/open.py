@@ -18,7 +18,8 @@ DATA_FORMS = "an image folder, a .csv manifest, a .npz file, 'demo' or 'torchvis
 
 def open_source(data: str | os.PathLike, *, unlabelled: bool | None = None,
                 val_fraction: float = 0.0, test_fraction: float = 0.2,
-                split_seed: int = 0) -> ImageSource:
+                split_seed: int = 0, targets: list[str] | None = None,
+                label_vocabulary: list[str] | None = None) -> ImageSource:
     """Open an image source from one string.
 
     Args:
@@ -29,7 +30,10 @@ def open_source(data: str | os.PathLike, *, unlabelled: bool | None = None,
             unlabelled folder; False requires labels.
         val_fraction: share of each class held out for validation when the source has no splits.
         test_fraction: share of each class held out for test when the source has no splits.
-        split_seed: seed of that stratified hold-out.
+        split_seed: seed of that stratified hold-out (unstratified for numeric targets and
+            label sets).
+        targets: numeric target columns of a CSV manifest (``--target``/``--targets``).
+        label_vocabulary: the class names a CSV's label sets may use (a probe's classes).
     """
     check_fraction("val_fraction", val_fraction)
     check_fraction("test_fraction", test_fraction)
@@ -38,8 +42,15 @@ def open_source(data: str | os.PathLike, *, unlabelled: bool | None = None,
             f"val_fraction + test_fraction must be < 1 so that some images stay in train. "
             f"Got {val_fraction} + {test_fraction}."
         )
-    source = _open_kind(os.path.expanduser(os.fspath(data)), unlabelled)
+    text = os.path.expanduser(os.fspath(data))
+    if targets and not (os.path.isfile(text) and text.lower().endswith(".csv")):
+        raise ConfigError(f"Numeric targets (--target/--targets {','.join(targets)}) are read from a CSV "
+                          f"manifest's columns; DATA must be a .csv file (path,<target columns>[,split]). "
+                          f"Got {text!r}.")
+    source = _open_kind(text, unlabelled, targets, label_vocabulary)
     labels = np.asarray([s.label for s in source.samples], np.int64)
+    if source.task != "classes":  # numeric targets or label sets: every row is labelled, one stratum
+        labels = np.zeros(len(labels), np.int64)
     if unlabelled:
         source.drop_labels()
     elif unlabelled is False and (labels < 0).all():
@@ -52,7 +63,8 @@ def open_source(data: str | os.PathLike, *, unlabelled: bool | None = None,
     return source
 
 
-def _open_kind(text: str, unlabelled: bool | None) -> ImageSource:
+def _open_kind(text: str, unlabelled: bool | None, targets: list[str] | None = None,
+               label_vocabulary: list[str] | None = None) -> ImageSource:
     if text == "demo":
         return demo_source()
     if text.startswith("torchvision:"):
@@ -68,7 +80,7 @@ def _open_kind(text: str, unlabelled: bool | None) -> ImageSource:
     if os.path.isdir(text):
         return scan_folder(text, unlabelled=unlabelled)
     if os.path.isfile(text) and text.lower().endswith(".csv"):
-        return read_csv_manifest(text)
+        return read_csv_manifest(text, targets=targets, label_vocabulary=label_vocabulary)
     if os.path.isfile(text) and text.lower().endswith(".npz"):
         return ArraySource.from_npz(os.path.abspath(text))
     raise DataSourceError(

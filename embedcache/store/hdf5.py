@@ -160,13 +160,22 @@ def attr_value(attributes: h5py.AttributeManager, key: str, default: Any = None)
 
 
 def attrs_digest(handle: h5py.File) -> str:
-    """sha256 of the root attributes (but the digest itself) and of ``/split``'s mapping."""
+    """sha256 of the root attributes (but the digest itself), of ``/split``'s mapping and of the
+    target names of ``/targets`` and ``/label_sets`` when the entry has them."""
     from embedcache.store.fingerprint import sha256_json
 
     root = {k: v for k, v in _decoded_attrs(handle.attrs).items() if k != ATTRS_SHA256}
-    mapping = handle["split"].attrs.get("mapping") if "split" in handle else None
-    mapping = mapping.decode() if isinstance(mapping, bytes) else mapping
-    return sha256_json({"root": root, "split_mapping": mapping})
+    mapping = column_attr(handle, "split", "mapping")
+    digested: dict[str, Any] = {"root": root, "split_mapping": mapping}
+    names = {name: column_attr(handle, name, "names") for name in ("targets", "label_sets") if name in handle}
+    if names:  # only entries with targets: the digest of every other entry is unchanged
+        digested["column_names"] = names
+    return sha256_json(digested)
+
+
+def column_attr(handle: h5py.File, column: str, key: str) -> str | None:
+    """A string attribute of a dataset (None when the dataset or attribute is missing)."""
+    return attr_value(handle[column].attrs, key) if column in handle else None
 
 
 def set_attr(attributes: h5py.AttributeManager, key: str, value: Any) -> None:

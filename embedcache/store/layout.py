@@ -44,6 +44,8 @@ from embedcache.store.verify import scan_features
 ERROR_MESSAGE_BYTES = 512
 #: Rows per chunk of the /errors table (few failures are the common case).
 ERROR_CHUNK_ROWS = 16
+#: Per-row datasets an entry has only when its source carries them (numeric targets, label sets).
+OPTIONAL_COLUMNS = ("targets", "label_sets")
 
 
 def unwritten_block_crcs(n: int, dim: int, store_dtype: str) -> np.ndarray:
@@ -70,6 +72,13 @@ def write_layout(handle: h5py.File, *, n: int, dim: int, store_dtype: str, stati
     set_attr(split.attrs, "mapping", json_attr(SPLIT_MAPPING))
     create_checked(handle, "file_size", data=static["file_size"])
     create_checked(handle, "file_mtime_ns", data=static["file_mtime_ns"])
+    optional = [name for name in OPTIONAL_COLUMNS if name in static]
+    for name in optional:  # per-row targets, chunked like /features
+        values = static[name]
+        column = create_checked(handle, name, data=values,
+                                chunks=(max(1, min(ROWS_PER_CHUNK, n)), max(1, values.shape[1])) if values.size else None)
+        names = static.get("target_names", []) if name == "targets" else attrs.get("class_names", [])
+        set_attr(column.attrs, "names", json_attr(list(names)))
     create_checked(handle, "done", data=np.zeros(n, dtype=bool))
     errors = handle.create_group("errors")
     create_checked(errors, "index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(ERROR_CHUNK_ROWS,))
@@ -77,7 +86,7 @@ def write_layout(handle: h5py.File, *, n: int, dim: int, store_dtype: str, stati
                    chunks=(ERROR_CHUNK_ROWS,))
     create_checked(errors, "message", shape=(0,), maxshape=(None,), dtype=utf8_dtype(ERROR_MESSAGE_BYTES),
                    chunks=(ERROR_CHUNK_ROWS,))
-    column_crc = {name: crc32(handle[name][...]) for name in CHECKED_COLUMNS}
+    column_crc = {name: crc32(handle[name][...]) for name in (*CHECKED_COLUMNS, *optional)}
     root = {**attrs, "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "cache_key": cache_key,
             "complete": False, "n": n, "dim": dim, "store_dtype": store_dtype, "split_mapping": SPLIT_MAPPING,
             COLUMN_CRC32: column_crc, "created": created, "updated": created}

@@ -5,8 +5,9 @@ Every file is checked by :func:`~embedcache.store.hdf5.check_safe` before it is 
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from embedcache.store.hdf5 import (
     READ_FAILURES,
     attr_value,
     check_safe,
+    column_attr,
     open_h5,
     read_attrs,
     read_errors,
@@ -43,6 +45,10 @@ class FeatureStore:
         rows: ``(M,)`` row index of each returned row in the file.
         attrs: root attributes, JSON attributes decoded.
         errors: ``[(row, path, message)]`` for images that failed to decode.
+        targets: ``(M, T)`` float32 numeric targets, or None (entries of other sources).
+        target_names: the name of each target column.
+        label_sets: ``(M, C)`` uint8 label sets (1 = the image carries class ``c`` of
+            ``class_names``), or None.
     """
 
     path: Path
@@ -53,6 +59,9 @@ class FeatureStore:
     rows: np.ndarray
     attrs: dict[str, Any]
     errors: list[tuple[int, str, str]]
+    targets: np.ndarray | None = None
+    target_names: list[str] = field(default_factory=list)
+    label_sets: np.ndarray | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, allow_partial: bool = False) -> FeatureStore:
@@ -73,10 +82,11 @@ class FeatureStore:
                 verify_columns(handle, path, attrs)
                 arrays = _read_rows(handle, path, int(attrs["dim"]))
                 errors = read_errors(handle)
+                optional, target_names = _read_targets(handle, path, arrays[-1])
             except READ_FAILURES as exc:  # a missing dataset or attribute, bad JSON, a damaged B-tree
                 raise CorruptEntryError(f"{str(path)!r} is a damaged cache entry ({type(exc).__name__}: {exc}). "
                                         f"`embedcache rm` removes it; extracting again recomputes it.") from exc
-        return cls(path, *arrays, attrs, errors)
+        return cls(path, *arrays, attrs, errors, target_names=target_names, **optional)
 
     @property
     def cache_key(self) -> str:
@@ -85,6 +95,11 @@ class FeatureStore:
     @property
     def class_names(self) -> list[str]:
         return list(self.attrs.get("class_names", []))
+
+    @property
+    def task(self) -> str:
+        """``regression`` (numeric targets), ``multilabel`` (label sets) or ``classes``."""
+        return "regression" if self.targets is not None else "multilabel" if self.label_sets is not None else "classes"
 
     @property
     def backbone(self) -> dict[str, Any]:
@@ -114,6 +129,21 @@ def _read_rows(handle: h5py.File, path: Path, dim: int) -> tuple[np.ndarray, ...
     paths = read_strings(handle["paths"], path)[pick]
     splits = read_numbers(handle["split"], path)[pick]
     return features, labels, paths, splits, rows
+
+
+def _read_targets(handle: h5py.File, path: Path, rows: np.ndarray) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The optional per-row targets of the done ``rows`` (checksums verified) and the target names."""
+    n = handle["done"].shape[0]
+    pick = slice(None) if len(rows) == n else rows
+    optional = {}
+    for name in ("targets", "label_sets"):
+        if name in handle:
+            if handle[name].shape[0] != n:
+                raise CorruptEntryError(f"{str(path)!r}: /{name} has {handle[name].shape[0]} rows, not {n}; "
+                                        f"the entry is damaged.")
+            optional[name] = read_numbers(handle[name], path)[pick]
+    names = column_attr(handle, "targets", "names")
+    return optional, (json.loads(names) if names else [])
 
 
 def _check_header(attrs: dict[str, Any], path: Path, allow_partial: bool) -> None:

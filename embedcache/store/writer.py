@@ -84,6 +84,9 @@ class StoreWriter:
         splits: Sequence[int],
         file_sizes: Sequence[int],
         file_mtimes_ns: Sequence[int],
+        targets: np.ndarray | None = None,
+        target_names: Sequence[str] = (),
+        label_sets: np.ndarray | None = None,
     ) -> None:
         if store_dtype not in STORE_DTYPES:
             raise ConfigError(
@@ -100,6 +103,12 @@ class StoreWriter:
             "file_size": np.asarray(file_sizes, dtype=np.int64),
             "file_mtime_ns": np.asarray(file_mtimes_ns, dtype=np.int64),
         }
+        # optional per-row targets (docs/schema.md): numeric targets and label sets
+        if targets is not None:
+            self._static["targets"] = np.asarray(targets, dtype=np.float32).reshape(n, -1)
+            self._static["target_names"] = list(target_names)
+        if label_sets is not None:
+            self._static["label_sets"] = np.asarray(label_sets, dtype=np.uint8).reshape(n, -1)
         self._lock = EntryLock(lock_path)
         self._handle: h5py.File | None = None
         self._pending_done: list[np.ndarray] = []

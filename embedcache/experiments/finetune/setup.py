@@ -42,6 +42,10 @@ class FinetuneData:
 def rebuild_backbone(loaded: LoadedProbe, weights_path: str | os.PathLike | None) -> Backbone:
     """The probe's backbone (see :meth:`LoadedProbe.build_backbone`), refused when it has nothing
     to train or the probe has no linear head to start from."""
+    task = loaded.metadata.get("task", "classes")
+    if task != "classes":
+        raise ConfigError(f"The probe at {loaded.path} fits {task} targets; fine-tuning trains a class head "
+                          f"(cross-entropy), so it needs a probe of class labels.")
     if not hasattr(loaded.estimator, "coef_"):
         raise ConfigError(f"The probe at {loaded.path} has no linear coefficients to start a head from.")
     bb = loaded.build_backbone(weights_path)
