@@ -141,4 +141,4 @@ def warn_if_pickle(probe_dir: Path) -> None:
     joblib_file = Path(probe_dir) / "probe.joblib"
     if joblib_file.exists():
         click.echo(f"warning: {joblib_file} is a joblib file, which is pickle: loading it runs code. Load only "
-                   f"probes you trust (its sha256 is checked against probe.json first).", err=True)
+                   f"probes you trust (when probe.json lists its sha256, that is checked first).", err=True)
