@@ -38,7 +38,7 @@ from embedcache.experiments.probe_files import (
     record_file,
     write_probe_dir,
 )
-from embedcache.experiments.reports import save_confusion_png
+from embedcache.experiments.reports import confusion_png
 from embedcache.fileio import atomic_write
 from embedcache.heads.sklearn_probe import SklearnProbe
 from embedcache.heads.torch_probe import TorchLinearProbe
@@ -77,12 +77,12 @@ def save_probe(result: Any, store: Any, out: Path) -> Path:
         "seed": result.seed,
         "versions": software_versions(),
     }
+    picture = confusion_png(result.metrics, title=f"{store.backbone.get('name')} + {result.head} probe: "
+                                                  f"test top-1 {result.metrics['top1']:.3f}")
     write_probe_dir(out, meta, {**result.to_dict(), "probe": meta},
                     tensors={"coef": est.coef_, "intercept": est.intercept_, "classes": est.classes_,
-                             "mean": est.mean_, "scale": est.scale_})
-    save_confusion_png(result.metrics, str(out / "confusion.png"),
-                       title=f"{store.backbone.get('name')} + {result.head} probe: "
-                             f"test top-1 {result.metrics['top1']:.3f}")
+                             "mean": est.mean_, "scale": est.scale_},
+                    pictures={"confusion.png": picture})
     return out
 
 

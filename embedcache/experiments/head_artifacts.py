@@ -34,7 +34,7 @@ from embedcache.experiments.probe_files import (
     load_tensors,
     write_probe_dir,
 )
-from embedcache.experiments.reports import save_confusion_png
+from embedcache.experiments.reports import confusion_png
 from embedcache.heads.knn import KNNProbe
 from embedcache.heads.multilabel import SigmoidProbe
 from embedcache.heads.ridge_probe import RidgeClassifierProbe, RidgeRegressor
@@ -98,11 +98,12 @@ def save_head_probe(result: Any, store: Any, out: Path) -> Path:
     """Write the directory described in the module docstring for ``result`` trained on ``store``."""
     meta = _metadata(result, store)
     tensors = _tensors(result, store, meta)
-    write_probe_dir(out, meta, {**result.to_dict(), "probe": meta}, tensors=tensors)
+    picture = None
     if result.task == "classes":
-        save_confusion_png(result.metrics, str(out / "confusion.png"),
-                           title=f"{store.backbone.get('name')} + {result.head} probe: "
-                                 f"test top-1 {result.metrics['top1']:.3f}")
+        picture = confusion_png(result.metrics, title=f"{store.backbone.get('name')} + {result.head} probe: "
+                                                      f"test top-1 {result.metrics['top1']:.3f}")
+    write_probe_dir(out, meta, {**result.to_dict(), "probe": meta}, tensors=tensors,
+                    pictures={"confusion.png": picture})
     return out
 
 

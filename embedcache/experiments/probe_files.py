@@ -56,10 +56,13 @@ def tensors_bytes(tensors: dict[str, Any], meta: dict[str, Any]) -> tuple[bytes,
 
 
 def write_probe_dir(out: Path, meta: dict[str, Any], report: dict[str, Any], *, tensors: dict[str, Any],
-                    files: dict[str, dict[str, Any]] | None = None) -> None:
-    """Write probe.safetensors (``tensors``), report.json, and last probe.json with the sha256 of
-    each (plus any already written ``files``, such as a fine-tuned backbone). Nothing here
-    writes pickle; ``probe.joblib`` directories of earlier versions still load."""
+                    files: dict[str, dict[str, Any]] | None = None,
+                    pictures: dict[str, bytes | None] | None = None) -> None:
+    """Write probe.safetensors (``tensors``), report.json, ``pictures`` (name -> PNG bytes, None
+    to skip; not read on load, so not in the manifest) and last probe.json with the sha256 of
+    each (plus any already written ``files``, such as a fine-tuned backbone). Every file is
+    staged before any is replaced, so a full disk leaves the previous probe as it was. Nothing
+    here writes pickle; ``probe.joblib`` directories of earlier versions still load."""
     with named_write_errors(out):
         out.mkdir(parents=True, exist_ok=True)
     listed = dict(files or {})
@@ -69,6 +72,7 @@ def write_probe_dir(out: Path, meta: dict[str, Any], report: dict[str, Any], *, 
     contents[REPORT] = json.dumps(report, indent=2).encode()
     listed.update({name: _record(data) for name, data in contents.items()})
     meta[FILES_KEY] = listed
+    contents.update({name: data for name, data in (pictures or {}).items() if data is not None})
     contents[META] = json.dumps(meta, indent=2).encode()  # last: it vouches for the others
     staged: list[tuple[Path, Path]] = []
     try:

@@ -37,11 +37,11 @@ def _save_figure(fig: Any, path: str | Path, *, dpi: int) -> None:
     atomic_write(Path(path), buffer.getvalue())
 
 
-def save_confusion_png(report: dict[str, Any], path: str, *, title: str = "") -> bool:
-    """Write a confusion-matrix heatmap when matplotlib is installed; returns whether it did."""
+def confusion_png(report: dict[str, Any], *, title: str = "") -> bytes | None:
+    """A confusion-matrix heatmap as PNG bytes, or None without matplotlib."""
     plt = pyplot()
     if plt is None:
-        return False
+        return None
     matrix = np.asarray(report["confusion_matrix"], dtype=float)
     rows = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
@@ -61,9 +61,10 @@ def save_confusion_png(report: dict[str, Any], path: str, *, title: str = "") ->
                             color="white" if normalised[i, j] > 0.5 else "black")
     ax.set_title(title or f"top-1 {report['top1']:.3f}")
     fig.tight_layout()
-    _save_figure(fig, path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    return True
+    return buffer.getvalue()
 
 
 def save_curve_png(report: dict[str, Any], path: str) -> bool:

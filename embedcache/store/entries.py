@@ -11,6 +11,7 @@ import h5py
 from embedcache.errors import CacheError, CorruptEntryError
 from embedcache.fileio import is_plain_file, named_write_errors
 from embedcache.store.hdf5 import attr_value, check_safe, open_h5, read_attrs, read_numbers
+from embedcache.store.layout import REQUIRED_COLUMNS
 from embedcache.store.locking import EntryLock
 from embedcache.store.schema import (
     CORRUPT_SUFFIX,
@@ -37,7 +38,11 @@ def entry_summary(path: str | os.PathLike) -> dict[str, Any]:
     with open_h5(path) as handle:
         check_safe(handle, path)
         attrs = read_attrs(handle)
-        done = int(read_numbers(handle["done"], path).sum()) if "done" in handle else 0
+        missing = [name for name in REQUIRED_COLUMNS if name not in handle]
+        if missing:
+            raise CorruptEntryError(f"{str(path)!r} has no /{', /'.join(missing)}; the entry is damaged. "
+                                    f"`embedcache rm` removes it.")
+        done = int(read_numbers(handle["done"], path).sum())
         n_errors = len(handle["errors/index"]) if "errors/index" in handle else 0
     attrs["rows_done"] = done
     attrs["n_errors"] = n_errors

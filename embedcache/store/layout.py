@@ -44,6 +44,8 @@ from embedcache.store.verify import scan_features
 ERROR_MESSAGE_BYTES = 512
 #: Rows per chunk of the /errors table (few failures are the common case).
 ERROR_CHUNK_ROWS = 16
+#: Datasets every entry has (a file named like an entry without one of them is damaged).
+REQUIRED_COLUMNS = ("features", "labels", "paths", "split", "done")
 #: Per-row datasets an entry has only when its source carries them (numeric targets, label sets).
 OPTIONAL_COLUMNS = ("targets", "label_sets")
 
