@@ -1,6 +1,7 @@
-"""Fault injection, end to end: kill -9 at random points, a full disk, flipped bytes, planted links.
+"""Fault injection, end to end: kill -9 at random points, a full disk (a file-size limit, and a real
+ENOSPC on a small tmpfs when run as root), flipped bytes, planted links.
 
-    python scripts/fault_injection.py [--seed 0] [--kills 3] [--flips 200] [--keep DIR]
+    python scripts/fault_injection.py [--seed 0] [--kills 3] [--flips 200] [--only NAME] [--keep DIR]
 
 Every case runs the real CLI (``python -m embedcache``) in subprocesses on small generated
 images with the repository's tiny test backbones, and checks the promise of the README's
@@ -197,6 +198,69 @@ def disk_full(work: Path) -> str:
     return f"one clean error ({full.stderr.strip().splitlines()[-1][:100]}...), nothing published, the older entry intact"
 
 
+class Skipped(Exception):
+    """A case this machine cannot run (says why)."""
+
+
+def _mount_tmpfs(where: Path, size: int) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise Skipped(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()[:120]}")
+
+
+def disk_full_tmpfs(work: Path) -> str:
+    """A real ENOSPC: the cache dir and a probe directory on a 1.5 MB tmpfs."""
+    data = make_image_folder(work / "data", per_class=40, split_dirs=True)
+    small = make_image_folder(work / "small", per_class=10, split_dirs=True)
+    disk = work / "disk"
+    _mount_tmpfs(disk, 1_500_000)
+    try:
+        cache, out = disk / "c", disk / "p"
+        older = cli("extract", str(small), "-b", TINY, "--workers", "0", "--store-dtype", "float32",
+                    "--cache-dir", str(cache))
+        if older.returncode:
+            raise CaseFailed(f"older entry failed: {older.stderr.strip()[-300:]}")
+        older_entry = entry(cache)
+        first = cli("probe", str(older_entry), "--penalty", "0.01", "--out", str(out))
+        if first.returncode:
+            raise CaseFailed(f"first probe failed: {first.stderr.strip()[-300:]}")
+        probe_before = {p.name: p.read_bytes() for p in out.iterdir()}
+        entry_before = older_entry.read_bytes()
+        filler = disk / "filler"  # leave less room than the next extraction needs
+        with open(filler, "wb") as handle:
+            while True:
+                try:
+                    handle.write(b"\0" * 65536)
+                    handle.flush()
+                except OSError:
+                    break
+        filler.write_bytes(b"\0" * max(0, filler.stat().st_size - 200_000))
+        full = cli("extract", str(data), "-b", "pixels", "--image-size", "64", "--workers", "0",
+                   "--cache-dir", str(cache))
+        if not one_clean_line(full) or "room" not in full.stderr.lower():
+            raise CaseFailed(f"extract on a full tmpfs: exit {full.returncode}, {full.stderr.strip()[-300:]!r}")
+        if [p for p in cache.glob("*.h5") if p != older_entry] or older_entry.read_bytes() != entry_before:
+            raise CaseFailed("a new entry was published or the older one changed")
+        filler.write_bytes(b"\0" * max(0, filler.stat().st_size + 190_000))  # nearly nothing left
+        again = cli("probe", str(older_entry), "--penalty", "0.5", "--out", str(out))
+        if again.returncode == 0:
+            raise CaseFailed("probe --out succeeded on a full disk; the case did not fill it")
+        if not one_clean_line(again):
+            raise CaseFailed(f"probe --out on a full tmpfs: exit {again.returncode}, {again.stderr.strip()[-300:]!r}")
+        if {p.name: p.read_bytes() for p in out.iterdir()} != probe_before:
+            raise CaseFailed("the previous probe directory changed")
+        hit = cli("extract", str(small), "-b", TINY, "--workers", "0", "--store-dtype", "float32",
+                  "--cache-dir", str(cache))
+        if "cache hit" not in hit.stdout:
+            raise CaseFailed("the older entry is no longer a cache hit")
+        return (f"extract: {full.stderr.strip().splitlines()[-1][:90]}...; probe --out refused with the old "
+                f"probe intact; the older entry still a hit")
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
 def flipped_bytes(work: Path, rng: random.Random, flips: int) -> str:
     data = make_image_folder(work / "data", per_class=12, split_dirs=True)
     cache = work / "c"
@@ -290,6 +354,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--flips", type=int, default=200)
+    parser.add_argument("--only", default=None, help="run only the cases whose name contains this")
     parser.add_argument("--keep", type=Path, default=None, help="keep the work directories here")
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -299,12 +364,15 @@ def main() -> None:
         "kill -9 during probe --out": lambda w: kill_during_probe(w, rng, args.kills),
         "kill -9 during finetune": lambda w: kill_during_finetune(w, rng),
         "disk full (RLIMIT_FSIZE)": disk_full,
+        "disk full (1.5 MB tmpfs)": disk_full_tmpfs,
         "flipped bytes": lambda w: flipped_bytes(w, rng, args.flips),
         "planted symlinks": planted_links,
         "two writers": concurrent_writers,
     }
+    if args.only:
+        cases = {name: case for name, case in cases.items() if args.only in name}
     root = Path(args.keep or tempfile.mkdtemp(prefix="embedcache-faults-"))
-    failures, started = 0, time.perf_counter()
+    failures, skipped, started = 0, 0, time.perf_counter()
     for name, case in cases.items():
         work = root / "".join(c if c.isalnum() else "_" for c in name)
         work.mkdir(parents=True, exist_ok=True)
@@ -313,11 +381,16 @@ def main() -> None:
             message, ok = case(work), True
         except CaseFailed as exc:
             message, ok = str(exc), False
+        except Skipped as exc:
+            print(f"SKIP  {name:<28} {exc}", flush=True)
+            skipped += 1
+            continue
         except Exception as exc:  # noqa: BLE001 - a crashing case is a failing case
             message, ok = f"{type(exc).__name__}: {exc}", False
         failures += not ok
         print(f"{'PASS' if ok else 'FAIL'}  {name:<28} {time.perf_counter() - case_started:5.1f} s  {message}", flush=True)
-    print(f"\n{len(cases) - failures} passed, {failures} failed in {time.perf_counter() - started:.0f} s")
+    print(f"\n{len(cases) - failures - skipped} passed, {failures} failed, {skipped} skipped "
+          f"in {time.perf_counter() - started:.0f} s")
     if args.keep is None:
         shutil.rmtree(root, ignore_errors=True)
     sys.exit(1 if failures else 0)
