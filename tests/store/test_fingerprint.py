@@ -41,3 +41,17 @@ def test_manifest_changes_the_entry_key():
 
 def test_not_in_key_is_documented():
     assert {"batch_size", "workers", "device", "cache_dir", "dataset_root"} <= set(NOT_IN_KEY)
+
+
+@pytest.mark.parametrize("package", ["Pillow", "torch", "torchvision"])
+def test_a_new_minor_version_of_a_decoding_or_compute_library_changes_the_key(package, monkeypatch):
+    from embedcache.store import fingerprint
+
+    real = fingerprint.package_version
+    before = config_key(**BASE)
+    monkeypatch.setattr(fingerprint, "package_version",
+                        lambda name: "99.1.0" if name == package else real(name))
+    assert config_key(**BASE) != before
+    monkeypatch.setattr(fingerprint, "package_version",
+                        lambda name: real(name) + "+local" if name == package else real(name))
+    assert config_key(**BASE) == before  # a local build tag alone is the same numbers
