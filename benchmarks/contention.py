@@ -1,12 +1,14 @@
 """Every command idle and with one core held by another process, side by side in one run.
 
-    python benchmarks/contention.py --repeats 3 [--code DIR] [--only extract,probe]
+    python benchmarks/contention.py --repeats 3 [--code before=DIR --code after=DIR] [--only extract,probe]
 
 Runs each command as a fresh ``python -m embedcache ...`` process, first on an idle machine,
 then while a busy loop (``python -c "while True: pass"``) holds one core, and prints the
-medians and the ratio contended/idle of the throughput (1.0 = unaffected). ``--code DIR`` runs
-another checkout of embedcache (e.g. ``git archive main | tar -x -C /tmp/before``) for a
-before/after comparison; ``--env K=V`` adds environment variables (e.g. OMP_NUM_THREADS=1).
+medians and the ratio contended/idle of the throughput (1.0 = unaffected). ``--code LABEL=DIR``
+(repeatable) times other checkouts of embedcache (e.g. ``git archive main | tar -x -C
+/tmp/before``), their runs alternating so that each sees the same machine; ``--env K=V`` adds
+environment variables (e.g. OMP_NUM_THREADS=1). Before each run it waits (up to 30 s)
+until nothing else keeps the cores busy, and says so when something still does.
 
 Data (made once under ``--work``, by default /tmp/embedcache-contention): 750 and 200 PNGs
 copied from ``--images`` (a ``train/`` + ``test/`` class-folder tree such as the README's
@@ -34,6 +36,35 @@ import time
 from pathlib import Path
 
 COMMANDS = ("extract", "probe", "fewshot", "finetune", "predict")
+#: Waiting for a quiet machine: at most this long, for a load below the expected one + this margin.
+QUIET_TIMEOUT_S, QUIET_MARGIN = 30.0, 0.15
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    """Cores busy over ``seconds`` (from /proc/stat), whoever keeps them busy."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
+def wait_for_quiet(expected: float) -> float:
+    """Wait until no more than ``expected`` cores (+ a margin) are busy: other people's work
+    (a test suite, another benchmark) would make the idle column meaningless. Returns the load seen."""
+    deadline = time.monotonic() + QUIET_TIMEOUT_S
+    while True:
+        load = busy_cores()
+        if load <= expected + QUIET_MARGIN or time.monotonic() > deadline:
+            if load > expected + QUIET_MARGIN:
+                print(f"warning: {load:.2f} cores busy before a run (expected {expected:.0f})", flush=True)
+            return load
 
 
 def copy_subset(images: Path, dst: Path, per_class: dict[str, int]) -> None:
@@ -108,7 +139,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, default=Path("/tmp/fm10k"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/embedcache-contention"))
-    parser.add_argument("--code", type=Path, default=Path(__file__).resolve().parents[1])
+    parser.add_argument("--code", action="append", default=[],
+                        help="LABEL=DIR of a checkout to time (repeatable; runs alternate). Default: this one.")
     parser.add_argument("--entry", type=Path, default=None, help="Entry for probe and fewshot.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default=",".join(COMMANDS))
@@ -116,32 +148,38 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="Arguments added to every command (e.g. '--threads 1').")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    runner = Runner(args.code.resolve(), dict(kv.split("=", 1) for kv in args.env), args.work)
-    entries = prepare(runner, args.images, args.work)
+    env = dict(kv.split("=", 1) for kv in args.env)
+    codes = dict(c.split("=", 1) for c in args.code) or {"this": str(Path(__file__).resolve().parents[1])}
+    runners = {label: Runner(Path(code).resolve(), env, args.work) for label, code in codes.items()}
+    entries = prepare(next(iter(runners.values())), args.images, args.work)
     entry = args.entry or entries["img750"]
-    commands = [c for c in args.only.split(",") if c]
     rows = []
-    for command in commands:
-        figures = {}
+    for command in [c for c in args.only.split(",") if c]:
+        figures: dict[tuple[str, str], list[float]] = {}
+        unit = ""
         for load in ("idle", "busy"):
             spinner = (subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" else None)
             try:
-                time.sleep(0.5 if spinner else 0.0)
-                runs = [measure(runner, command, args.work, entry, args.extra.split()) for _ in range(args.repeats)]
+                for _ in range(args.repeats):
+                    for label, runner in runners.items():  # alternating: both see the same machine
+                        wait_for_quiet(1.0 if spinner else 0.0)
+                        value, unit = measure(runner, command, args.work, entry, args.extra.split())
+                        figures.setdefault((label, load), []).append(value)
             finally:
                 if spinner is not None:
                     spinner.kill()
                     spinner.wait()
-            unit = runs[0][1]
-            figures[load] = (statistics.median(v for v, _ in runs), [v for v, _ in runs], unit)
-        (idle, idle_runs, unit), (busy, busy_runs, _) = figures["idle"], figures["busy"]
-        ratio = busy / idle if unit == "img/s" else idle / busy  # throughput kept under load
-        rows.append((command, unit, idle, idle_runs, busy, busy_runs, ratio))
-        print(f"{command:9s} idle {idle:8.2f} {unit} {fmt(idle_runs)}  busy {busy:8.2f} {unit} {fmt(busy_runs)}  "
-              f"kept {ratio:.2f}x", flush=True)
-    print("\n| command | idle | one core busy | throughput kept |\n|---|---|---|---|")
-    for command, unit, idle, idle_runs, busy, busy_runs, ratio in rows:
-        print(f"| {command} | {idle:.2f} {unit} {fmt(idle_runs)} | {busy:.2f} {unit} {fmt(busy_runs)} | {ratio:.2f}x |")
+        for label in runners:
+            idle_runs, busy_runs = figures[(label, "idle")], figures[(label, "busy")]
+            idle, busy = statistics.median(idle_runs), statistics.median(busy_runs)
+            ratio = busy / idle if unit == "img/s" else idle / busy  # throughput kept under load
+            rows.append((command, label, unit, idle, idle_runs, busy, busy_runs, ratio))
+            print(f"{command:9s} {label:8s} idle {idle:8.2f} {unit} {fmt(idle_runs)}  busy {busy:8.2f} {unit} "
+                  f"{fmt(busy_runs)}  kept {ratio:.2f}x", flush=True)
+    print("\n| command | code | idle | one core busy | throughput kept |\n|---|---|---|---|---|")
+    for command, label, unit, idle, idle_runs, busy, busy_runs, ratio in rows:
+        print(f"| {command} | {label} | {idle:.2f} {unit} {fmt(idle_runs)} | {busy:.2f} {unit} {fmt(busy_runs)} "
+              f"| {ratio:.2f}x |")
 
 
 def fmt(values: list[float]) -> str:

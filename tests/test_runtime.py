@@ -175,3 +175,55 @@ def test_cli_threads_reach_the_report(entry, tmp_path):
     result = CliRunner().invoke(main, ["probe", str(store.path), "--penalty", "1e-3", "--no-sweep", "--json"],
                                 env={"EMBEDCACHE_THREADS": "2"}, catch_exceptions=False)
     assert json.loads(result.stdout)["threads"] == 2
+
+
+class FakeLibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_reuse_freed_memory_raises_then_restores_glibc_thresholds(monkeypatch):
+    fake = FakeLibc()
+    monkeypatch.setattr(runtime, "_glibc", lambda: fake)
+    for key in [k for k in runtime.os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(key)
+    with runtime.reuse_freed_memory() as changed:
+        assert changed is True
+        assert ("mallopt", runtime.M_MMAP_THRESHOLD, runtime.REUSED_BLOCK_BYTES) in fake.calls
+    assert fake.calls[-3:] == [("mallopt", runtime.M_MMAP_THRESHOLD, runtime.GLIBC_MALLOC_DEFAULT),
+                               ("mallopt", runtime.M_TRIM_THRESHOLD, runtime.GLIBC_MALLOC_DEFAULT),
+                               ("malloc_trim", 0)]
+
+
+@pytest.mark.parametrize("key, value", [("MALLOC_MMAP_THRESHOLD_", "65536"), ("GLIBC_TUNABLES", "glibc.malloc.x=1")])
+def test_reuse_freed_memory_leaves_a_users_malloc_settings_alone(monkeypatch, key, value):
+    fake = FakeLibc()
+    monkeypatch.setattr(runtime, "_glibc", lambda: fake)
+    monkeypatch.setenv(key, value)
+    with runtime.reuse_freed_memory() as changed:
+        assert changed is False
+    assert fake.calls == []
+
+
+def test_model_input_buffer_is_reused_and_gives_the_same_values():
+    from embedcache.extraction.loop import input_buffer, model_input
+    from embedcache.models.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(resize_size=8, crop_size=8, interpolation="bilinear", antialias=True,
+                          mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4), color_mode="RGB")
+    images = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    cpu = torch.device("cpu")
+    buffer = input_buffer(None, images, cpu)
+    assert input_buffer(buffer, images[:3], cpu) is buffer  # a shorter last batch reuses it
+    fresh = model_input(images, cpu, spec)
+    reused = model_input(images, cpu, spec, buffer)
+    assert torch.equal(fresh, reused) and reused.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(model_input(images[:3], cpu, spec, buffer), fresh[:3])
