@@ -227,3 +227,23 @@ def test_model_input_buffer_is_reused_and_gives_the_same_values():
     reused = model_input(images, cpu, spec, buffer)
     assert torch.equal(fresh, reused) and reused.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(model_input(images[:3], cpu, spec, buffer), fresh[:3])
+
+
+def test_a_module_returning_its_input_does_not_see_the_next_batch(tmp_path):
+    from embedcache.extraction.loop import ImageDataset, collate_images, model_input, run_batches
+    from embedcache.models.preprocess import PreprocessSpec
+    from embedcache.sources.open import open_source
+
+    class AsIs(torch.nn.Module):
+        def forward(self, x):  # a view of the (reused) input buffer
+            return x.permute(0, 2, 3, 1).reshape(len(x), -1)
+
+    folder = make_image_folder(tmp_path / "d", per_class=3)
+    spec = PreprocessSpec(resize_size=4, crop_size=4, interpolation="bilinear", antialias=True,
+                          mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), color_mode="RGB")
+    dataset = ImageDataset(open_source(str(folder)), spec)
+    batches = [[0, 1], [2, 3], [4, 5]]
+    cpu = torch.device("cpu")
+    outs = [b.outputs for b in run_batches(AsIs(), dataset, batches, device=cpu, precision="fp32", workers=0)]
+    fresh = [AsIs()(model_input(collate_images([dataset[i] for i in rows])[1], cpu, spec)).numpy() for rows in batches]
+    assert all((a == b).all() for a, b in zip(outs, fresh, strict=True))

@@ -171,8 +171,10 @@ def run_batches(module: torch.nn.Module, dataset: ImageDataset, batches: Sequenc
                 yield Batch(indices.numpy(), None, failures)
                 continue
             buffer = input_buffer(buffer, images, device)
-            outputs = module(model_input(images, device, dataset.spec, buffer)).float()
-            yield Batch(indices.numpy(), outputs.cpu().numpy(), failures)
+            outputs = module(model_input(images, device, dataset.spec, buffer)).float().cpu()
+            if buffer is not None and outputs.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+                outputs = outputs.clone()  # a module that returns (a view of) its input: the next batch overwrites it
+            yield Batch(indices.numpy(), outputs.numpy(), failures)
 
 
 def compute_features(bb: Backbone, source: ImageSource, *, batch_size: int = 64, workers: int = 0,
