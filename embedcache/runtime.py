@@ -3,12 +3,20 @@
 The choices below (:data:`DEVICES`, :data:`PRECISIONS`) are the one definition the CLI and the
 library share. torch is imported inside the functions that need it, so that the CLI can offer
 these choices without loading torch.
+
+Threads: the intra-op thread count is sized from the cores this process may really use (its CPU
+affinity and a cgroup CPU quota, :func:`available_cores`), less the decoding workers that run
+beside the model (:func:`resolve_threads`); ``threads=`` or ``$EMBEDCACHE_THREADS`` override it.
+:func:`prefer_passive_waiting` makes idle OpenMP threads sleep instead of spinning, which is what
+keeps a shared machine usable: a spinning thread burns the core that the thread it waits for
+(descheduled by another process) needs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -26,6 +34,21 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_PRECISIONS = ("bf16", "fp16")
 #: Most decoding workers chosen by default, whatever the core count.
 MAX_DEFAULT_WORKERS = 8
+#: Environment variable overriding the intra-op thread count (``--threads`` overrides it).
+THREADS_ENV = "EMBEDCACHE_THREADS"
+#: cgroup v2 CPU limit (``"<quota> <period>"`` or ``"max <period>"``) of this container.
+CGROUP_V2_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+#: cgroup v1 CPU quota and period files (quota -1 = no limit), in the two usual mount points.
+CGROUP_V1_CPU_DIRS = ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct")
+#: OpenMP settings that make waiting threads sleep instead of spinning: GNU libgomp (torch's
+#: Linux wheels) reads OMP_WAIT_POLICY, Intel's libiomp (conda builds) KMP_BLOCKTIME. Both are
+#: read once, when torch loads the OpenMP runtime: they must be in the environment before.
+PASSIVE_WAIT_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+#: glibc ``mallopt`` parameters (malloc.h) and their documented defaults.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, GLIBC_MALLOC_DEFAULT = -1, -3, 128 * 1024
+#: While a CPU inference loop runs, blocks up to this size come from the heap and stay there
+#: when freed (see :func:`reuse_freed_memory`).
+REUSED_BLOCK_BYTES = 1 << 30
 
 
 #: Device files whose absence proves that no GPU driver is loaded (NVIDIA, AMD ROCm).
@@ -143,9 +166,103 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as fh:
+            return fh.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def cgroup_cpu_limit() -> float | None:
+    """The CPUs this container's cgroup quota allows (``1.5`` for 150 ms per 100 ms), or None
+    when there is no quota (or no cgroup files): cgroup v2 ``cpu.max``, else v1 ``cfs_quota_us``."""
+    text = _read_text(CGROUP_V2_CPU_MAX)
+    if text is not None:
+        quota, _, period = text.partition(" ")
+        return _quota_cpus(quota, period or "100000")
+    for folder in CGROUP_V1_CPU_DIRS:
+        quota = _read_text(os.path.join(folder, "cpu.cfs_quota_us"))
+        period = _read_text(os.path.join(folder, "cpu.cfs_period_us"))
+        if quota is not None and period is not None:
+            return _quota_cpus(quota, period)
+    return None
+
+
+def _quota_cpus(quota: str, period: str) -> float | None:
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:  # "max" (no limit), or a file we do not understand: no limit known
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity (``taskset``, ``docker --cpuset-cpus``), capped
+    by a cgroup CPU quota (``docker --cpus``, Kubernetes limits) rounded down; at least 1.
+
+    ``os.cpu_count()`` counts the machine's cores, which overstates both.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, math.floor(limit))
+    return max(1, cores)
+
+
 def default_workers() -> int:
     """One decoding worker per spare core, at least one, at most :data:`MAX_DEFAULT_WORKERS`."""
-    return max(1, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 2) - 1))
+    return max(1, min(MAX_DEFAULT_WORKERS, available_cores() - 1))
+
+
+def check_threads(threads: int | str | None, *, what: str = "The 'threads' parameter") -> int | None:
+    """``threads`` (an int, or digits) as a positive int; None stays None. ``what`` names the
+    setting in the message (the CLI says ``--threads``, the environment variable its name)."""
+    if threads is None:
+        return None
+    value: int | None = None
+    if isinstance(threads, str):
+        value = int(threads.strip()) if threads.strip().isdigit() else None
+    elif isinstance(threads, int) and not isinstance(threads, bool):
+        value = threads
+    if value is None or value < 1:
+        raise ConfigError(f"{what} must be a whole number of threads >= 1 (e.g. {available_cores()}, the "
+                          f"cores available here). Got {threads!r}.")
+    return value
+
+
+def resolve_threads(threads: int | None = None, *, workers: int = 0) -> int:
+    """The intra-op thread count to run with: ``threads`` when given, else ``$EMBEDCACHE_THREADS``,
+    else :func:`available_cores` less ``workers`` (decoding processes running beside the model),
+    at least 1.
+
+    Raises:
+        ConfigError: ``threads`` or the environment variable is not a whole number >= 1.
+    """
+    explicit = check_threads(threads)
+    if explicit is not None:
+        return explicit
+    from_env = check_threads(os.environ.get(THREADS_ENV) or None, what=f"The {THREADS_ENV} environment variable")
+    if from_env is not None:
+        return from_env
+    return max(1, available_cores() - max(0, workers))
+
+
+def prefer_passive_waiting() -> bool:
+    """Put :data:`PASSIVE_WAIT_ENV` in the environment where the user has not set those variables,
+    so that OpenMP threads sleep while they wait. Effective only before torch is imported.
+
+    Returns:
+        True when torch was not imported yet (the settings will apply), False otherwise.
+    """
+    if "torch" in sys.modules:
+        return False
+    for key, value in PASSIVE_WAIT_ENV.items():
+        os.environ.setdefault(key, value)
+    return True
 
 
 def check_workers(workers: int | None) -> int:
@@ -158,7 +275,8 @@ def check_workers(workers: int | None) -> int:
 
 @contextlib.contextmanager
 def torch_threads(count: int | None) -> Iterator[None]:
-    """Run the block with ``count`` intra-op threads (None: leave the setting alone)."""
+    """Run the block with ``count`` intra-op threads (None: leave the setting alone). The
+    commands use :func:`run_threads`, which also chooses the count."""
     import torch
 
     if count is None or count == torch.get_num_threads():
@@ -170,6 +288,56 @@ def torch_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def run_threads(threads: int | None = None, *, workers: int = 0) -> Iterator[int]:
+    """Run a command's work with :func:`resolve_threads` intra-op threads; yields the count (the
+    reports record it)."""
+    count = resolve_threads(threads, workers=workers)
+    with torch_threads(count):
+        yield count
+
+
+@functools.cache
+def _glibc() -> Any:
+    """glibc's ``libc.so.6`` through ctypes, or None (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def reuse_freed_memory() -> Iterator[bool]:
+    """Let glibc keep and reuse large freed blocks while the block runs (yields whether it did).
+
+    A frozen backbone's activations at batch 64, 224 px are 50-150 MB each; glibc serves blocks
+    above its mmap threshold (at most 32 MiB unless set) with a fresh ``mmap`` and returns them
+    with ``munmap``, so every layer of every batch faulted in pages the kernel had to zero again:
+    several seconds of system CPU per 750 images. Raised thresholds keep those blocks in the heap
+    to be reused by the next batch; on exit the thresholds go back to glibc's defaults and the
+    free memory is returned (``malloc_trim``). Nothing is changed when the user tuned malloc
+    (``MALLOC_*_`` variables, ``GLIBC_TUNABLES``) or the C library is not glibc.
+    """
+    libc = _glibc()
+    tuned = "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)
+    if libc is None or tuned:
+        yield False
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, REUSED_BLOCK_BYTES)
+    libc.mallopt(M_TRIM_THRESHOLD, 2 * REUSED_BLOCK_BYTES)
+    try:
+        yield True
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, GLIBC_MALLOC_DEFAULT)
+        libc.mallopt(M_TRIM_THRESHOLD, GLIBC_MALLOC_DEFAULT)
+        libc.malloc_trim(0)
 
 
 def package_version(name: str) -> str:

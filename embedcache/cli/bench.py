@@ -14,6 +14,7 @@ from embedcache.cli.common import (
     parse_ints,
     progress_bar,
     table,
+    threads_option,
     workers_option,
 )
 from embedcache.cli.probe import head_option
@@ -30,6 +31,7 @@ from embedcache.heads.registry import HEADS
 @click.option("--image-size", type=int, default=None, help="Input size for backbones without @SIZE.")
 @batch_size_option
 @workers_option
+@threads_option
 @device_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probes' val hold-out.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -81,6 +83,7 @@ def bench_command(data: str, backbones: str, heads: str, out: Path | None, **opt
               help="Fixed penalty for every k (never chosen by looking at test).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write fewshot.json, fewshot.md and fewshot.png here.")
+@threads_option
 @cache_dir_option
 @handle_errors
 def fewshot_command(entry: str, shots: str, **options: object) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from embedcache.errors import EmbedcacheError, StorageError
-from embedcache.runtime import DEVICES, PRECISIONS
+from embedcache.runtime import DEVICES, PRECISIONS, THREADS_ENV, check_threads
 from embedcache.store.schema import CACHE_DIR_ENV
 
 cache_dir_option = click.option(
@@ -31,6 +31,20 @@ batch_size_option = click.option("--batch-size", type=int, default=64, show_defa
                                  help="Images per forward pass (not in the cache key).")
 workers_option = click.option("--workers", type=int, default=None,
                               help="Decoding processes (default: cores - 1; 0 = in-process).")
+
+
+def _threads_value(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    """--threads as an int; a bad value is one line naming the option (not a usage dump)."""
+    try:
+        return check_threads(value, what="--threads")
+    except EmbedcacheError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+threads_option = click.option(
+    "--threads", default=None, metavar="N", callback=_threads_value,
+    help=f"torch's intra-op threads (env: {THREADS_ENV}; default: the cores this process may use, less the "
+         f"decoding workers while images are decoded).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
 

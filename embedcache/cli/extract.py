@@ -16,6 +16,7 @@ from embedcache.cli.common import (
     json_option,
     precision_option,
     progress_bar,
+    threads_option,
     workers_option,
 )
 from embedcache.models.pooling import POOLS
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
               help="Model input size in pixels, 8-2048 (default: the backbone's).")
 @batch_size_option
 @workers_option
+@threads_option
 @device_option
 @precision_option
 @click.option("--store-dtype", type=click.Choice(STORE_DTYPES), default="float16", show_default=True,

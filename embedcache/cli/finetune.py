@@ -14,6 +14,7 @@ from embedcache.cli.common import (
     handle_errors,
     progress_bar,
     table,
+    threads_option,
     warn_if_pickle,
     workers_option,
 )
@@ -55,6 +56,7 @@ _SETTINGS = {f.name for f in dataclasses.fields(FinetuneConfig)}
               help="Let BatchNorm of trainable blocks use batch statistics (default: keep the pretrained ones).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of head init, order, augmentation.")
 @workers_option
+@threads_option
 @click.option("--weights", "weights_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The local weights file, when the probe's backbone used one.")
 @click.option("--val-fraction", type=float, default=0.0, show_default=True,

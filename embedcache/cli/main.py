@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from embedcache.runtime import prefer_passive_waiting
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="embedcache")
@@ -23,3 +25,6 @@ def main() -> None:
       embedcache finetune PROBE DATA       # fine-tune the network, head starting from the probe
       embedcache ls / info ENTRY / verify ENTRY / rm ENTRY
     """
+    # Before any command imports torch: idle OpenMP threads sleep instead of spinning (unless
+    # OMP_WAIT_POLICY / KMP_BLOCKTIME are set), so a busy core elsewhere does not stall us.
+    prefer_passive_waiting()

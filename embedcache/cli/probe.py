@@ -20,6 +20,7 @@ from embedcache.cli.common import (
     parse_ints,
     progress_bar,
     table,
+    threads_option,
     warn_if_pickle,
     workers_option,
 )
@@ -62,6 +63,7 @@ probe_head_option = click.option(
                    "sweep; 1000 for a fixed --penalty].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write probe.safetensors, probe.json, report.json (and confusion.png) here.")
+@threads_option
 @json_option
 @cache_dir_option
 @handle_errors
@@ -134,6 +136,7 @@ def _probe_report(result: ProbeResult) -> str:
               help="The local weights file, when the probe's backbone used one.")
 @batch_size_option
 @workers_option
+@threads_option
 @device_option
 @handle_errors
 def predict_command(probe_dir: Path, paths: tuple[str, ...], top_k: int, out_csv: Path | None,

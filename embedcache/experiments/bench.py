@@ -70,6 +70,8 @@ class BenchRow:
     cache: str
     n_train: int
     n_test: int
+    extract_threads: int | None = None  # intra-op threads of the extraction (None: recorded by none)
+    probe_threads: int | None = None
 
 
 @dataclass
@@ -90,7 +92,7 @@ class BenchResult:
 def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
           heads: list[str] | None = None, image_size: int | None = None, cache_dir: str | os.PathLike | None = None,
           out: str | os.PathLike | None = None, batch_size: int = 64, workers: int | None = None,
-          device: str = "auto", seed: int = 0,
+          device: str = "auto", seed: int = 0, threads: int | None = None,
           progress: Callable[[str], None] | None = None,
           extract_progress: Callable[[Any], None] | None = None) -> BenchResult:
     """Leaderboard of probes across backbones (and heads) on one dataset.
@@ -107,6 +109,8 @@ def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
         workers: extraction decoding workers.
         device: extraction device.
         seed: seed of the probe's validation hold-out.
+        threads: torch's intra-op threads for extraction and probes (default ``$EMBEDCACHE_THREADS``,
+            else the cores available, less the workers while extracting); recorded in each row.
         progress: called with one line per finished (backbone, head).
         extract_progress: passed to :func:`embedcache.extract` as its progress callback.
     """
@@ -120,12 +124,13 @@ def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
     for item in items:
         store = extract(data, backbone=item.backbone, weights=item.weights,
                         image_size=image_size if item.image_size is None else item.image_size, cache_dir=cache_dir,
-                        batch_size=batch_size, workers=workers, device=device, progress=extract_progress)
+                        batch_size=batch_size, workers=workers, threads=threads, device=device,
+                        progress=extract_progress)
         if store.task != "classes":
             raise ConfigError(f"bench ranks class labels by test top-1; {data!s} carries {store.task} targets. "
                               f"Use `embedcache probe ENTRY` for them.")
         for name in names:
-            rows.append(_row(item, store, probe(store, head=name, seed=seed)))
+            rows.append(_row(item, store, probe(store, head=name, seed=seed, threads=threads)))
             if progress:
                 row = rows[-1]
                 progress(f"{row.backbone} + {row.head}: test top-1 {row.test_top1:.4f} "
@@ -145,4 +150,5 @@ def _row(item: BackboneItem, store: Any, result: Any) -> BenchRow:
         k=result.chosen.get("k"), dim=int(store.attrs["dim"]), image_size=int(store.attrs["preprocess"]["crop_size"]),
         weights=store.backbone.get("weights"), extract_images_per_s=None if not rate else float(rate),
         probe_seconds=result.total_seconds, cache_hit=store.cache_hit, cache=str(store.path),
-        n_train=result.split_sizes["train"] + result.split_sizes["val"], n_test=result.split_sizes["test"])
+        n_train=result.split_sizes["train"] + result.split_sizes["val"], n_test=result.split_sizes["test"],
+        extract_threads=store.attrs.get("extract_threads"), probe_threads=result.threads)

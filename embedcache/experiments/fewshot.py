@@ -25,6 +25,7 @@ from embedcache.heads.many import fit_many_torch
 from embedcache.heads.registry import LINEAR_HEADS, check_head, make_head
 from embedcache.heads.torch_probe import check_penalty
 from embedcache.heads.validation import check_features, check_labels
+from embedcache.runtime import run_threads
 from embedcache.splits import Split
 from embedcache.store.reader import FeatureStore
 
@@ -55,11 +56,13 @@ class FewshotResult:
     n_test: int
     results: list[ShotResult]
     seconds: float
+    threads: int | None = None  # intra-op threads the fits ran with
 
     def to_dict(self) -> dict[str, Any]:
         return {"cache": self.cache, "backbone": self.backbone, "head": self.head, "penalty": self.penalty,
                 "penalty_rule": "fixed (never chosen on test)", "seeds": self.seeds, "n_test": self.n_test,
-                "results": [vars(r) for r in self.results], "seconds": self.seconds}
+                "results": [vars(r) for r in self.results], "seconds": self.seconds,
+                "threads": self.threads}
 
 
 def draw_shots(labels: np.ndarray, candidates: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -99,7 +102,8 @@ def _fit_seeds(features: np.ndarray, labels: np.ndarray, row_sets: list[np.ndarr
 
 def fewshot(entry: str | os.PathLike | FeatureStore, *, shots: Sequence[int] = DEFAULT_SHOTS, seeds: int = 10,
             head: str = "torch", penalty: float = FEWSHOT_PENALTY, cache_dir: str | os.PathLike | None = None,
-            out: str | os.PathLike | None = None, fit_log: list | None = None) -> FewshotResult:
+            out: str | os.PathLike | None = None, fit_log: list | None = None,
+            threads: int | None = None) -> FewshotResult:
     """k-shot x seed grid on a cache entry's train split, scored on its full test split.
 
     Args:
@@ -111,9 +115,24 @@ def fewshot(entry: str | os.PathLike | FeatureStore, *, shots: Sequence[int] = D
         cache_dir: where to resolve a key prefix.
         out: directory for fewshot.json, fewshot.md and fewshot.png (matplotlib).
         fit_log: if given, receives the row positions of every fit (for leakage checks).
+        threads: torch's intra-op threads (default ``$EMBEDCACHE_THREADS``, else the cores
+            available; see :func:`~embedcache.runtime.resolve_threads`); recorded in fewshot.json.
     """
     started = time.perf_counter()
     shots = _check_grid(shots, seeds)
+    with run_threads(threads) as count:
+        result = _grid(entry, shots=shots, seeds=seeds, head=head, penalty=penalty, cache_dir=cache_dir,
+                       fit_log=fit_log)
+    result.threads = count
+    result.seconds = time.perf_counter() - started
+    if out is not None:
+        write_fewshot(result.to_dict(), Path(out))
+    return result
+
+
+def _grid(entry: str | os.PathLike | FeatureStore, *, shots: list[int], seeds: int, head: str, penalty: float,
+          cache_dir: str | os.PathLike | None, fit_log: list | None) -> FewshotResult:
+    """The k x seed fits and their test accuracies (``seconds`` is set by the caller)."""
     check_head(head, allowed=LINEAR_HEADS)
     penalty = check_penalty("fewshot", penalty, strictly_positive=head == "sklearn")
     store = open_store(entry, cache_dir)
@@ -137,7 +156,5 @@ def fewshot(entry: str | os.PathLike | FeatureStore, *, shots: Sequence[int] = D
                       for coef, intercept, classes in _fit_seeds(features, labels, row_sets, head=head, penalty=penalty)]
         results.append(ShotResult(k, float(np.mean(accuracies)), float(np.std(accuracies)), accuracies))
     result = FewshotResult(cache=str(store.path), backbone=store.backbone.get("name"), head=head, penalty=penalty,
-                           seeds=seeds, n_test=int(len(test)), results=results, seconds=time.perf_counter() - started)
-    if out is not None:
-        write_fewshot(result.to_dict(), Path(out))
+                           seeds=seeds, n_test=int(len(test)), results=results, seconds=0.0)
     return result

@@ -14,7 +14,7 @@ from embedcache.errors import ConfigError
 from embedcache.experiments.artifacts import load_probe, normalise_class_name
 from embedcache.experiments.predict_targets import class_scores, target_outputs, truth_options
 from embedcache.extraction.loop import Progress, compute_features
-from embedcache.runtime import check_workers, resolve_device
+from embedcache.runtime import check_workers, resolve_device, run_threads
 from embedcache.sources.base import FileSource, ImageSource, Sample
 from embedcache.sources.open import open_source
 from embedcache.splits import Split
@@ -48,11 +48,12 @@ class PredictResult:
     names: list[str] = field(default_factory=list)
     metrics: dict | None = None
     score_name: str = "prob"
+    threads: int | None = None  # intra-op threads the backbone and head ran with
 
 
 def predict(probe_path: str | os.PathLike, inputs: Sequence[str], *, top_k: int = 1, batch_size: int = 64,
             workers: int | None = None, device: str = "auto", weights_path: str | os.PathLike | None = None,
-            progress: Callable[[Progress], None] | None = None) -> PredictResult:
+            progress: Callable[[Progress], None] | None = None, threads: int | None = None) -> PredictResult:
     """Classify images (files, folders, or any DATA form) with a saved probe.
 
     Args:
@@ -62,6 +63,8 @@ def predict(probe_path: str | os.PathLike, inputs: Sequence[str], *, top_k: int 
         batch_size, workers, device: how the backbone runs.
         weights_path: the local weights file, when the probe's backbone used one.
         progress: called after every batch.
+        threads: the backbone's intra-op threads (default ``$EMBEDCACHE_THREADS``, else the cores
+            available less ``workers``; see :func:`~embedcache.runtime.resolve_threads`).
 
     Returns:
         The predictions; ``accuracy`` when the inputs carry labels named like the probe's classes;
@@ -70,6 +73,16 @@ def predict(probe_path: str | os.PathLike, inputs: Sequence[str], *, top_k: int 
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ConfigError(f"The 'top_k' parameter must be a positive int. Got {top_k!r}.")
     workers = check_workers(workers)
+    with run_threads(threads, workers=workers) as count:
+        result = _predict(probe_path, list(inputs), top_k=top_k, batch_size=batch_size, workers=workers,
+                          device=device, weights_path=weights_path, progress=progress)
+    result.threads = count
+    return result
+
+
+def _predict(probe_path: str | os.PathLike, inputs: list[str], *, top_k: int, batch_size: int, workers: int,
+             device: str, weights_path: str | os.PathLike | None,
+             progress: Callable[[Progress], None] | None) -> PredictResult:
     loaded = load_probe(probe_path)
     bb = loaded.build_backbone(weights_path)
     source = _open_inputs(list(inputs), **truth_options(loaded.metadata, list(inputs)))

@@ -31,7 +31,7 @@ from embedcache.heads.selection import Selection
 from embedcache.heads.sweep import DEFAULT_PENALTIES, SweepResult, fit_fixed, sweep_and_refit
 from embedcache.heads.torch_probe import check_penalty
 from embedcache.heads.validation import check_features, check_labels
-from embedcache.runtime import check_torch_device
+from embedcache.runtime import check_torch_device, run_threads
 from embedcache.splits import Split, holdout_splits
 from embedcache.store.entries import resolve_entry
 from embedcache.store.reader import FeatureStore
@@ -129,6 +129,7 @@ class ProbeResult:
     chosen: dict[str, Any] = field(default_factory=dict)
     target_names: list[str] = field(default_factory=list)
     reference_positions: np.ndarray | None = field(default=None, repr=False)
+    threads: int | None = None  # intra-op threads the fits ran with (set by probe())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,6 +147,7 @@ class ProbeResult:
             "seed": self.seed,
             "fit_seconds": self.fit_seconds,
             "total_seconds": self.total_seconds,
+            "threads": self.threads,
             "cache": self.store_path,
             "converged": bool(getattr(self.estimator, "converged_", True)),
             "notes": self.notes,
@@ -164,7 +166,8 @@ def probe(entry: str | os.PathLike | FeatureStore, *, head: str | None = None, p
           seed: int = 0, standardize: bool = True, device: str = "cpu", max_iter: int | None = None,
           out: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
           progress: Callable[[str], None] | None = None, k: int | None = None,
-          ks: tuple[int, ...] | list[int] | None = None, temperature: float = DEFAULT_TEMPERATURE) -> ProbeResult:
+          ks: tuple[int, ...] | list[int] | None = None, temperature: float = DEFAULT_TEMPERATURE,
+          threads: int | None = None) -> ProbeResult:
     """Train a head on a cache entry: choose on val (penalty sweep, or k), refit, test once.
 
     What the entry's rows carry decides the task: one class each (heads ``torch``, ``sklearn``,
@@ -187,14 +190,18 @@ def probe(entry: str | os.PathLike | FeatureStore, *, head: str | None = None, p
         progress: called with a short message after each step.
         k: k-NN: use this k and skip its choice; ks: the k grid (default 10, 20, 100, 200).
         temperature: k-NN vote temperature (votes ``softmax(similarity / temperature)``).
+        threads: torch's intra-op threads (default ``$EMBEDCACHE_THREADS``, else the cores
+            available; see :func:`~embedcache.runtime.resolve_threads`); recorded in the report.
     """
     store = open_store(entry, cache_dir)
-    result = probe_arrays(store.features, store.labels, store.splits, store.paths, head=head,
-                          penalty=penalty, penalties=penalties, val_fraction=val_fraction, seed=seed,
-                          standardize=standardize, device=device, max_iter=max_iter,
-                          class_names=store.class_names, progress=progress, targets=store.targets,
-                          target_names=store.target_names, label_sets=store.label_sets, k=k, ks=ks,
-                          temperature=temperature)
+    with run_threads(threads) as count:
+        result = probe_arrays(store.features, store.labels, store.splits, store.paths, head=head,
+                              penalty=penalty, penalties=penalties, val_fraction=val_fraction, seed=seed,
+                              standardize=standardize, device=device, max_iter=max_iter,
+                              class_names=store.class_names, progress=progress, targets=store.targets,
+                              target_names=store.target_names, label_sets=store.label_sets, k=k, ks=ks,
+                              temperature=temperature)
+    result.threads = count
     result.store_path = str(store.path)
     if out is not None:
         result.artifact_dir = str(save_probe(result, store, Path(out)))

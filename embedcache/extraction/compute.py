@@ -21,6 +21,7 @@ from embedcache.extraction.loop import (
 from embedcache.extraction.options import ExtractStats, RunOptions, check_max_errors
 from embedcache.extraction.plan import ExtractionPlan
 from embedcache.models.backbone import Backbone
+from embedcache.runtime import torch_threads
 from embedcache.store.reader import FeatureStore, find_reusable_entry, reusable_rows
 from embedcache.store.writer import StoreWriter
 
@@ -42,17 +43,19 @@ def compute_entry(plan: ExtractionPlan, bb: Backbone, options: RunOptions,
                      label_sets=plan.source.label_set_array()) as writer:
         reused = _reuse_unchanged_rows(writer, plan) if options.incremental else 0
         batches = row_batches(writer.attempted, options.batch_size)
-        loop_seconds = _write_batches(plan, bb, writer, batches, options, progress)
+        with torch_threads(options.threads):
+            loop_seconds = _write_batches(plan, bb, writer, batches, options, progress)
         # a resumed run counts the failures recorded before it too
         check_max_errors(writer.n_failed, options, writer.recorded_failures(), plan.source)
         computed = sum(len(b) for b in batches)
         rate = computed / loop_seconds if computed and loop_seconds > 0 else None
-        final_path = writer.finalize({"extract_seconds": loop_seconds, "extract_images_per_s": rate or 0.0})
+        final_path = writer.finalize({"extract_seconds": loop_seconds, "extract_images_per_s": rate or 0.0,
+                                      "extract_threads": options.threads, "extract_workers": options.workers})
         resumed, warnings = writer.resumed_rows, list(writer.warnings)
     store = FeatureStore.open(final_path)
     stats = ExtractStats(n=n, failed=len(store.errors), seconds=0.0, device=plan.device, precision=plan.precision,
                          model_seconds=loop_seconds, computed_rows=computed, reused_rows=reused,
-                         resumed_rows=resumed, images_per_s=rate, warnings=warnings)
+                         resumed_rows=resumed, images_per_s=rate, threads=options.threads, warnings=warnings)
     return store, stats
 
 

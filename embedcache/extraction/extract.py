@@ -28,7 +28,7 @@ from embedcache.extraction.options import (
 from embedcache.extraction.plan import ExtractionPlan, build_backbone, plan_extraction
 from embedcache.fileio import named_write_errors
 from embedcache.models.backbone import Backbone
-from embedcache.runtime import check_workers
+from embedcache.runtime import check_workers, resolve_threads
 from embedcache.sources.base import ImageSource
 from embedcache.store.reader import FeatureStore
 from embedcache.store.schema import CORRUPT_SUFFIX, SUFFIX
@@ -56,6 +56,7 @@ def extract(
     image_size: int | None = None,
     batch_size: int = 64,
     workers: int | None = None,
+    threads: int | None = None,
     device: str = "auto",
     precision: str = "auto",
     store_dtype: str = "float16",
@@ -81,6 +82,9 @@ def extract(
         image_size: model input size (pixels); default: the backbone's own.
         batch_size: images per forward pass.
         workers: DataLoader decoding processes (0 = decode in this process).
+        threads: the model's intra-op threads (default ``$EMBEDCACHE_THREADS``, else the cores
+            available to this process less ``workers``, at least 1; see
+            :func:`~embedcache.runtime.resolve_threads`).
         device: auto, cpu, cuda or mps.
         precision: auto, fp32, bf16 or fp16 (autocast dtype).
         store_dtype: float16 (default, half the disk) or float32.
@@ -103,13 +107,14 @@ def extract(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"The 'batch_size' parameter must be a positive int. Got {batch_size!r}.")
     workers = check_workers(workers)
+    threads = resolve_threads(threads, workers=workers)
     started = time.perf_counter()
     plan = plan_extraction(data, backbone=backbone, weights=weights, weights_path=weights_path, layer=layer,
                            pool=pool, image_size=image_size, device=device, precision=precision,
                            store_dtype=store_dtype, cache_dir=cache_dir, unlabelled=unlabelled,
                            val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
                            targets=targets)
-    options = RunOptions(batch_size, workers, parse_max_errors(max_errors, len(plan.source)), max_errors, incremental)
+    options = RunOptions(batch_size, workers, threads, parse_max_errors(max_errors, len(plan.source)), max_errors, incremental)
     warnings: list[str] = []
     hit = _cache_hit(plan, options, started, warnings)
     if hit is not None:

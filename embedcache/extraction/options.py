@@ -23,6 +23,7 @@ class ExtractStats:
             copied from an older entry, found done in a ``.partial``.
         images_per_s: computed rows per second of the loop (None when nothing was computed).
         device, precision: where and how the model ran (or would have run).
+        threads: intra-op threads the model ran with (None on a cache hit: no model ran).
         warnings: notes such as a discarded unreadable ``.partial``.
     """
 
@@ -36,6 +37,7 @@ class ExtractStats:
     reused_rows: int = 0
     resumed_rows: int = 0
     images_per_s: float | None = None
+    threads: int | None = None
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,6 +50,7 @@ class RunOptions:
 
     batch_size: int
     workers: int
+    threads: int  # intra-op threads of the model (resolve_threads: cores less the workers)
     max_errors: int | None
     max_errors_text: Any
     incremental: bool

@@ -136,16 +136,17 @@ def to_uint8_tensor(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-def normalize_batch(batch: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+def normalize_batch(batch: torch.Tensor, spec: PreprocessSpec, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 ``(N, 3, H, W)`` → float32 normalised, on the batch's device.
 
-    Computed as one fused multiply-add per element: ``x * (1/(255*std)) - mean/std``.
+    Computed as one fused multiply-add per element: ``x * (1/(255*std)) - mean/std``. ``out``: a
+    float32 tensor of the batch's shape to write into (the same values as a fresh one).
     """
     import torch
 
     scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std], device=batch.device)
     shift = torch.tensor([-m / s for m, s in zip(spec.mean, spec.std, strict=False)], device=batch.device)
-    out = batch.to(torch.float32)
+    out = batch.to(torch.float32) if out is None else out.copy_(batch)
     return out.mul_(scale.view(1, 3, 1, 1)).add_(shift.view(1, 3, 1, 1))
 
 

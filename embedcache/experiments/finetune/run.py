@@ -57,12 +57,14 @@ from embedcache.experiments.reports import save_curve_png
 from embedcache.fileio import atomic_write, named_write_errors
 from embedcache.heads.metrics import classification_report
 from embedcache.models.backbone import Backbone
-from embedcache.runtime import check_workers, resolve_device
+from embedcache.runtime import check_workers, resolve_device, resolve_threads, torch_threads
 from embedcache.store.locking import EntryLock
 
 FORMAT = "embedcache-finetune"
 FORMAT_VERSION = 1
 CHECKPOINT, REPORT, WEIGHTS_FILE = "checkpoint.pt", "finetune.json", "backbone.safetensors"
+#: Cores left to the decoding workers while training (threads = available cores less this).
+TRAINING_RESERVED_CORES = 0
 
 
 @dataclass
@@ -98,6 +100,7 @@ class RunSetup:
     device: torch.device
     precision: str
     workers: int
+    threads: int  # intra-op threads of training and evaluation (recorded in finetune.json)
 
 
 def finetune(probe: str | os.PathLike, data: str | os.PathLike, config: FinetuneConfig | None = None, *,
@@ -105,7 +108,7 @@ def finetune(probe: str | os.PathLike, data: str | os.PathLike, config: Finetune
              weights_path: str | os.PathLike | None = None, val_fraction: float = 0.0,
              test_fraction: float = 0.2, split_seed: int = 0, restart: bool = False,
              cache_dir: str | os.PathLike | None = None, allow_unchecked_split: bool = False,
-             log: Callable[[str], None] | None = None,
+             threads: int | None = None, log: Callable[[str], None] | None = None,
              progress: Callable[[EpochProgress], None] | None = None, **settings: Any) -> FinetuneResult:
     """Fine-tune the network behind a probe on ``data``; resume ``out`` if it holds the same run.
 
@@ -125,12 +128,14 @@ def finetune(probe: str | os.PathLike, data: str | os.PathLike, config: Finetune
             absolute path the probe recorded; its rows are compared with DATA's test rows.
         allow_unchecked_split: go on when the probe's cache entry cannot be found (the test
             rows are then not checked against the probe's training rows; the report says so).
+        threads: torch's intra-op threads (default ``$EMBEDCACHE_THREADS``, else the cores
+            available; see :func:`~embedcache.runtime.resolve_threads`).
         log: called with lines to show (the model summary, one line per epoch).
         progress: called after every training batch.
         settings: fields of :class:`FinetuneConfig` to override (``epochs=3, unfreeze="last:2"``).
     """
     setup = _resolve(probe, data, (config or FinetuneConfig()).with_settings(**settings), out=out, device=device,
-                     workers=workers, weights_path=weights_path, val_fraction=val_fraction,
+                     workers=workers, threads=threads, weights_path=weights_path, val_fraction=val_fraction,
                      test_fraction=test_fraction, split_seed=split_seed,
                      split_check={"cache_dir": cache_dir, "allow_unchecked_split": bool(allow_unchecked_split)})
     with named_write_errors(setup.out):
@@ -142,17 +147,19 @@ def finetune(probe: str | os.PathLike, data: str | os.PathLike, config: Finetune
         raise ConfigError(f"Another process is fine-tuning into {str(setup.out)!r}; wait for it, or use "
                           f"another --out.") from None
     try:
-        return _run(setup, restart=restart, say=log or (lambda _line: None), progress=progress)
+        with torch_threads(setup.threads):
+            return _run(setup, restart=restart, say=log or (lambda _line: None), progress=progress)
     finally:
         lock.release(unlink=True)
 
 
 def _resolve(probe: str | os.PathLike, data: str | os.PathLike, config: FinetuneConfig, *,
-             out: str | os.PathLike | None, device: str, workers: int | None,
+             out: str | os.PathLike | None, device: str, workers: int | None, threads: int | None,
              weights_path: str | os.PathLike | None, val_fraction: float, test_fraction: float,
              split_seed: int, split_check: dict[str, Any]) -> RunSetup:
     config = config.resolved()
     workers = check_workers(workers)
+    threads = resolve_threads(threads, workers=TRAINING_RESERVED_CORES)
     loaded = load_probe(probe)
     if config.head_penalty is None:  # keep the probe's own L2 penalty on the head
         config = dataclasses.replace(config, head_penalty=float(loaded.metadata.get("penalty") or 0.0))
@@ -165,7 +172,7 @@ def _resolve(probe: str | os.PathLike, data: str | os.PathLike, config: Finetune
     prepared = open_data(data, loaded, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
                          **split_check)
     key = run_key(config, loaded, prepared.source, fmt=FORMAT, version=FORMAT_VERSION)
-    return RunSetup(config, loaded, bb, prepared, out, key, dev, precision, workers)
+    return RunSetup(config, loaded, bb, prepared, out, key, dev, precision, workers, threads)
 
 
 def _previous_state(setup: RunSetup, restart: bool) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -274,6 +281,7 @@ def _finish(setup: RunSetup, trainer: Trainer) -> dict[str, Any]:
         "start": state["start"], "epochs": state["history"], "best_epoch": state["best_epoch"],
         "best_val_top1": state["best_val"], "stopped_early": state["stopped_early"], "resumes": state["resumes"],
         "seconds_per_epoch": float(np.median([r["seconds"] for r in state["history"]])) if state["history"] else 0.0,
+        "threads": setup.threads, "workers": setup.workers,
         "test": metrics,
     }
     network = setup.bb.network if setup.bb.network is not None else setup.bb.module
