@@ -33,6 +33,7 @@ from embedcache.store.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
     ROWS_PER_CHUNK,
+    SHARDS_SUFFIX,
 )
 
 #: Bytes of features read at a time.
@@ -95,7 +96,9 @@ def _verify_open(handle: h5py.File, report: VerifyReport) -> None:
         report.problems.append(f"format_version {version} is newer than this embedcache reads ({FORMAT_VERSION})")
         return
     key = str(attrs.get("cache_key", ""))
-    if not path.name.startswith(key[:16]) or len(key) != 64:
+    # a shard file is named by its directory, <key16>.shards/
+    named = path.name.lstrip(".").startswith(key[:16]) or path.parent.name == key[:16] + SHARDS_SUFFIX
+    if not named or len(key) != 64:
         report.problems.append(f"the file name does not match its cache key {key!r}")
     n, dim = int(attrs["n"]), int(attrs["dim"])
     report.rows = n
