@@ -26,7 +26,7 @@ from embedcache.fileio import named_write_errors
 from embedcache.models.backbone import Backbone
 from embedcache.store.locking import EntryLock
 from embedcache.store.reader import FeatureStore
-from embedcache.store.schema import entry_paths
+from embedcache.store.schema import DEFAULT_SHARD_SIZE, entry_paths
 from embedcache.store.shards import (
     publish_sharded,
     shard_name,
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 
 #: How to install the optional dependency (the one line ``--engine ray`` prints without it).
 RAY_INSTALL = "pip install 'embedcache[ray]'"
-#: Rows per shard by default (a multiple of every usual batch size and of the checksum block).
-DEFAULT_SHARD_SIZE = 4096
 #: How often Ray restarts a dead actor, and retries the shard it was embedding.
 ACTOR_RESTARTS = 3
 ENGINES = ("local", "ray")
