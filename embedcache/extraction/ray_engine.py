@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from embedcache.errors import CacheError, ConfigError
+from embedcache.errors import CacheError, ConfigError, EmbedcacheError
 from embedcache.extraction.options import ExtractStats, RunOptions, check_max_errors
 from embedcache.extraction.plan import ExtractionPlan
 from embedcache.fileio import named_write_errors
@@ -203,9 +203,16 @@ def compute_sharded(plan: ExtractionPlan, bb: Backbone, options: RunOptions, ray
         todo = [s for s in range(len(ranges)) if s not in kept]
         started = time.perf_counter()
         if todo:
+            with named_write_errors(plan.cache_dir):
+                shards_dir(plan.cache_dir, plan.cache_key).mkdir(parents=True, exist_ok=True)
             _start_ray(ray, ray_options.address)
-            _run(_dataset(ray, plan, bb, options, ray_options, todo, ranges), plan, options, ranges, failed,
-                 kept, progress)
+            try:
+                _run(_dataset(ray, plan, bb, options, ray_options, todo, ranges), plan, options, ranges, failed,
+                     kept, progress)
+            except EmbedcacheError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Ray wraps a worker's failure in its own types
+                raise _worker_failure(exc) from None
         loop_seconds = time.perf_counter() - started
         final = _publish(plan, ranges, ray_options, loop_seconds, sum(ranges[s][1] - ranges[s][0] for s in todo))
     finally:
@@ -217,6 +224,19 @@ def compute_sharded(plan: ExtractionPlan, bb: Backbone, options: RunOptions, ray
                          images_per_s=computed / loop_seconds if computed and loop_seconds > 0 else None,
                          warnings=warnings)
     return store, stats
+
+
+def _worker_failure(exc: BaseException) -> EmbedcacheError:
+    """A failure inside Ray as one of our errors: the worker's own error when it was ours, else
+    the last line of Ray's report; finished shards are kept either way."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, EmbedcacheError):
+            return type(cause)(f"{cause} Finished shards are kept; rerun the same command to resume.")
+        cause = cause.__cause__ or getattr(cause, "cause", None)
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return CacheError(f"The Ray extraction failed ({type(exc).__name__}: {lines[-1] if lines else exc}). Finished "
+                      f"shards are kept; rerun the same command to resume only the others.")
 
 
 def _kept_failures(plan: ExtractionPlan, ranges: list[tuple[int, int]], kept: set[int]) -> list[tuple[int, str]]:
