@@ -130,7 +130,7 @@ def extract(
                            pool=pool, image_size=image_size, device=device, precision=precision,
                            store_dtype=store_dtype, cache_dir=cache_dir, unlabelled=unlabelled,
                            val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
-                           targets=targets)
+                           targets=targets, worker_device="cuda" if ray_options and gpus_per_worker else None)
     options = RunOptions(batch_size, workers, parse_max_errors(max_errors, len(plan.source)), max_errors, incremental)
     warnings: list[str] = []
     hit = _cache_hit(plan, options, started, warnings)

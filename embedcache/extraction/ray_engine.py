@@ -179,7 +179,7 @@ def _dataset(ray: Any, plan: ExtractionPlan, bb: Backbone, options: RunOptions, 
         return decoded.map_batches(
             ShardEmbedder, batch_size=1, compute=pool, num_gpus=gpus or None, num_cpus=0 if gpus else 1,
             max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
-            fn_constructor_kwargs={"backbone": bb, "device": "cuda" if gpus else plan.device,
+            fn_constructor_kwargs={"backbone": bb, "device": plan.device,
                                    "precision": plan.precision, "batch_size": options.batch_size,
                                    "ranges": ranges, "writing": writing,
                                    "fault_after": int(fault) if fault else None})
