@@ -165,6 +165,7 @@ def _dataset(ray: Any, plan: ExtractionPlan, bb: Backbone, options: RunOptions, 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.execution_options.verbose_progress = False
+    context.print_on_execution_start = False  # Ray Data would print its settings to stdout (--json!)
     gpus = ray_options.gpus_per_worker
     fault = os.environ.get(FAULT_ENV)
     writing = {"folder": str(shards_dir(plan.cache_dir, plan.cache_key).resolve()), "cache_key": plan.cache_key,

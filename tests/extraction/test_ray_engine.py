@@ -82,6 +82,10 @@ def test_ray_gives_the_single_process_entry_and_is_its_cache_hit(reference, shar
     assert CliRunner().invoke(main, ["verify", str(store.path)]).exit_code == 0
     info = CliRunner().invoke(main, ["info", str(store.path)])
     assert info.exit_code == 0, info.output
+    cli = CliRunner().invoke(main, ["extract", str(folder), "-b", TINY, "--workers", "0", "--precision", "fp32",
+                                    "--batch-size", "4", "--engine", "ray", "--shard-size", "8",
+                                    "--cache-dir", str(cache)])
+    assert cli.exit_code == 0 and cli.output.startswith("cache hit:"), cli.output
     local_into_ray = _run(folder, tmp_path / "fresh", engine="ray", shard_size=8)  # a fresh local run
     assert np.array_equal(local_into_ray.features, reference.features)
 
