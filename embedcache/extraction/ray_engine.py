@@ -10,9 +10,11 @@ virtual datasets over the shards. Engine, shard size and concurrency are not in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -206,14 +208,17 @@ def compute_sharded(plan: ExtractionPlan, bb: Backbone, options: RunOptions, ray
         if todo:
             with named_write_errors(plan.cache_dir):
                 shards_dir(plan.cache_dir, plan.cache_key).mkdir(parents=True, exist_ok=True)
-            _start_ray(ray, ray_options.address)
-            try:
-                _run(_dataset(ray, plan, bb, options, ray_options, todo, ranges), plan, options, ranges, failed,
-                     kept, progress)
-            except EmbedcacheError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - Ray wraps a worker's failure in its own types
-                raise _worker_failure(exc) from None
+            # Ray's driver prints worker failures and retries to stdout: diagnostics, so to stderr
+            # (stdout stays the command's result, e.g. --json)
+            with contextlib.redirect_stdout(sys.stderr):
+                _start_ray(ray, ray_options.address)
+                try:
+                    _run(_dataset(ray, plan, bb, options, ray_options, todo, ranges), plan, options, ranges,
+                         failed, kept, progress)
+                except EmbedcacheError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - Ray wraps a worker's failure in its own types
+                    raise _worker_failure(exc) from None
         loop_seconds = time.perf_counter() - started
         final = _publish(plan, ranges, ray_options, loop_seconds, sum(ranges[s][1] - ranges[s][0] for s in todo))
     finally:

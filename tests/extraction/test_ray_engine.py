@@ -3,6 +3,7 @@ resume after a killed driver, a killed actor retried, damaged shards found and r
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -116,8 +117,14 @@ def test_damaged_shards_are_named_by_verify_and_only_they_are_recomputed(sharded
 def test_an_actor_killed_mid_shard_is_restarted_and_the_shard_retried(cluster, folder, reference, tmp_path,
                                                                        monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "1")  # the first actor exits (os._exit) before its second batch
-    store = _run(folder, tmp_path / "c", engine="ray", shard_size=8)
-    assert (shards_dir(tmp_path / "c", store.cache_key) / FAULT_MARKER).exists()
+    result = CliRunner().invoke(main, ["extract", str(folder), "-b", TINY, "--workers", "0", "--precision", "fp32",
+                                       "--batch-size", "4", "--engine", "ray", "--shard-size", "8", "--json",
+                                       "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)  # nothing but the JSON on stdout
+    assert out["computed_rows"] == 27 and not out["cache_hit"]
+    assert (shards_dir(tmp_path / "c", out["cache_key"]) / FAULT_MARKER).exists()
+    store = FeatureStore.open(out["path"])
     assert np.array_equal(store.features, reference.features) and store.errors == reference.errors
 
 
