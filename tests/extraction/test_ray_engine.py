@@ -154,6 +154,18 @@ def test_a_killed_driver_resumes_with_only_the_unfinished_shards(cluster, folder
     assert np.array_equal(FeatureStore.open(resumed.path).features, reference.features)
 
 
+def test_max_errors_counts_the_whole_run_kept_shards_included(cluster, folder, tmp_path):
+    from embedcache.errors import TooManyErrorsError
+
+    with pytest.raises(TooManyErrorsError, match="1 images failed to decode, more than max_errors=0"):
+        _run(folder, tmp_path / "c", engine="ray", shard_size=8, max_errors=0)
+    assert list((tmp_path / "c").glob("*.shards/shard-00000.h5"))  # finished shards are kept
+    with pytest.raises(TooManyErrorsError, match="a/broken.png"):  # counted again from the kept shard
+        _run(folder, tmp_path / "c", engine="ray", shard_size=8, max_errors=0)
+    store = _run(folder, tmp_path / "c", engine="ray", shard_size=8, max_errors=1)
+    assert store.stats.resumed_rows >= 8 and len(store.errors) == 1
+
+
 def test_the_shard_size_must_be_a_multiple_of_the_batch_size(folder, tmp_path):
     from embedcache.errors import ConfigError
 
