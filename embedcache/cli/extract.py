@@ -20,7 +20,7 @@ from embedcache.cli.common import (
     workers_option,
 )
 from embedcache.models.pooling import POOLS
-from embedcache.store.schema import STORE_DTYPES
+from embedcache.store.schema import DEFAULT_SHARD_SIZE, STORE_DTYPES
 
 if TYPE_CHECKING:
     from embedcache.extraction.extract import ExtractStats
@@ -58,6 +58,16 @@ if TYPE_CHECKING:
               help="CSV manifests: a numeric column to store as each image's target (e.g. age).")
 @click.option("--targets", "targets", default=None,
               help="CSV manifests: several numeric target columns, comma-separated (e.g. x1,y1,x2,y2).")
+@click.option("--engine", type=click.Choice(("local", "ray")), default="local", show_default=True,
+              help="local: this process. ray: shards on a Ray cluster (pip install 'embedcache[ray]').")
+@click.option("--ray-address", default=None,
+              help="With --engine ray: 'auto' or HOST:PORT of a running cluster (default: a local Ray).")
+@click.option("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, show_default=True,
+              help="With --engine ray: rows per shard, a multiple of --batch-size (not in the cache key).")
+@click.option("--concurrency", type=int, default=None,
+              help="With --engine ray: backbone actors (default: one per GPU group, else half the CPUs).")
+@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True,
+              help="With --engine ray: GPUs each backbone actor reserves (0 = run on CPUs).")
 @json_option
 @cache_dir_option
 @handle_errors
@@ -80,6 +90,8 @@ def extract_command(data: str, no_incremental: bool, as_json: bool, target: str 
     \b
     The same command again is a cache hit (no model runs). An interrupted run resumes where it
     stopped. Undecodable images are skipped and listed by `embedcache info ENTRY`.
+    --engine ray computes the same entry shard by shard on a Ray cluster (README: "More than
+    one machine"); a rerun recomputes only the shards that are missing or do not verify.
     """
     from embedcache.extraction.extract import extract
 

@@ -26,6 +26,13 @@ from embedcache.extraction.options import (
     parse_max_errors,
 )
 from embedcache.extraction.plan import ExtractionPlan, build_backbone, plan_extraction
+from embedcache.extraction.ray_engine import (
+    DEFAULT_SHARD_SIZE,
+    ENGINES,
+    RayOptions,
+    check_ray_options,
+    import_ray,
+)
 from embedcache.fileio import named_write_errors
 from embedcache.models.backbone import Backbone
 from embedcache.runtime import check_workers, resolve_threads
@@ -69,6 +76,11 @@ def extract(
     targets: list[str] | None = None,
     incremental: bool = True,
     progress: Callable[[Progress], None] | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    concurrency: int | None = None,
+    gpus_per_worker: float = 0.0,
 ) -> ExtractResult:
     """Extract pooled features once into the cache; a second call with the same inputs is a hit.
 
@@ -98,7 +110,15 @@ def extract(
             with the features (a ``labels`` column of ``;``-separated names is stored as label
             sets without asking); they are part of the cache key.
         incremental: copy rows of unchanged files from an older entry of the same config.
-        progress: called after every batch with a :class:`~embedcache.extraction.loop.Progress`.
+        progress: called after every batch with a :class:`~embedcache.extraction.loop.Progress`
+            (with ``engine="ray"``: after every shard).
+        engine: ``local`` (this process) or ``ray`` (shards on a Ray cluster; needs
+            ``embedcache[ray]``). Not in the cache key: both give the same entry.
+        ray_address: ``auto`` or ``HOST:PORT`` of a running Ray cluster (default: a local Ray).
+        shard_size: rows per shard with ``engine="ray"`` (a multiple of ``batch_size``).
+        concurrency: backbone actors with ``engine="ray"`` (default: one per GPU group, or half
+            the CPUs).
+        gpus_per_worker: GPUs per backbone actor with ``engine="ray"`` (0: CPUs).
 
     Returns:
         The complete entry as an :class:`ExtractResult` (a :class:`FeatureStore`): ``cache_hit``
@@ -108,13 +128,16 @@ def extract(
         raise ConfigError(f"The 'batch_size' parameter must be a positive int. Got {batch_size!r}.")
     workers = check_workers(workers)
     threads = resolve_threads(threads, workers=workers)
+    ray_options = _engine_options(engine, batch_size, RayOptions(ray_address, shard_size, concurrency,
+                                                                 gpus_per_worker))
     started = time.perf_counter()
     plan = plan_extraction(data, backbone=backbone, weights=weights, weights_path=weights_path, layer=layer,
                            pool=pool, image_size=image_size, device=device, precision=precision,
                            store_dtype=store_dtype, cache_dir=cache_dir, unlabelled=unlabelled,
                            val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
-                           targets=targets)
-    options = RunOptions(batch_size, workers, threads, parse_max_errors(max_errors, len(plan.source)), max_errors, incremental)
+                           targets=targets, worker_device="cuda" if ray_options and gpus_per_worker else None)
+    options = RunOptions(batch_size, workers, threads, parse_max_errors(max_errors, len(plan.source)), max_errors,
+                         incremental)
     warnings: list[str] = []
     hit = _cache_hit(plan, options, started, warnings)
     if hit is not None:
@@ -123,14 +146,30 @@ def extract(
     hit = _cache_hit(plan, options, started, warnings)  # the remembered identity was stale: the true key
     if hit is not None:
         return hit
-    from embedcache.extraction.compute import (
-        compute_entry,  # torch: only when rows must be computed
-    )
+    if ray_options is not None:
+        from embedcache.extraction.ray_engine import compute_sharded
 
-    store, stats = compute_entry(plan, bb, options, progress)
+        store, stats = compute_sharded(plan, bb, options, ray_options, progress)
+    else:
+        from embedcache.extraction.compute import (
+            compute_entry,  # torch: only when rows must be computed
+        )
+
+        store, stats = compute_entry(plan, bb, options, progress)
     stats.seconds = time.perf_counter() - started
     stats.warnings[:0] = warnings
     return ExtractResult(**vars(store), cache_hit=False, stats=stats)
+
+
+def _engine_options(engine: str, batch_size: int, ray_options: RayOptions) -> RayOptions | None:
+    """The ray engine's options (checked, Ray importable), or None for the local engine."""
+    if engine not in ENGINES:
+        raise ConfigError(f"The 'engine' parameter must be one of {list(ENGINES)}. Got {engine!r}.")
+    if engine == "local":
+        return None
+    check_ray_options(ray_options, batch_size)
+    import_ray()
+    return ray_options
 
 
 def _cache_hit(plan: ExtractionPlan, options: RunOptions, started: float, warnings: list[str]) -> ExtractResult | None:

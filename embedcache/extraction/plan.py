@@ -139,9 +139,12 @@ def plan_extraction(
     test_fraction: float = 0.2,
     split_seed: int = 0,
     targets: list[str] | None = None,
+    worker_device: str | None = None,
 ) -> ExtractionPlan:
     """Resolve everything that defines an entry (no model run); arguments as for
-    :func:`~embedcache.extraction.extract.extract`."""
+    :func:`~embedcache.extraction.extract.extract`, and ``worker_device``: the device type the
+    backbone runs on when that is not this process's (``cuda`` for the ray engine's GPU actors,
+    with a driver that may have no GPU); ``device`` is then not resolved here."""
     if store_dtype not in STORE_DTYPES:
         raise ConfigError(f"The 'store_dtype' parameter must be one of {list(STORE_DTYPES)}. Got {store_dtype!r}.")
     source = data if isinstance(data, ImageSource) else open_source(
@@ -159,7 +162,7 @@ def plan_extraction(
         request = BackboneRequest(backbone, weights, None if weights_path is None else str(weights_path),
                                   layer, pool, image_size)
         spec, built = _backbone_spec(request, cache_dir)
-    dev = resolve_device_type(device)
+    dev = worker_device or resolve_device_type(device)
     return _keyed_plan(source, spec, request, built, dev, resolve_precision(precision, dev), store_dtype, cache_dir)
 
 

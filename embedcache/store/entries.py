@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from embedcache.store.schema import (
     FORMAT_NAME,
     LOCK_SUFFIX,
     PARTIAL_SUFFIX,
+    SHARD_NAME_PATTERN,
+    SHARDS_SUFFIX,
     SUFFIX,
     entry_stem,
 )
@@ -47,8 +50,38 @@ def entry_summary(path: str | os.PathLike) -> dict[str, Any]:
     attrs["rows_done"] = done
     attrs["n_errors"] = n_errors
     attrs["file"] = str(path)
-    attrs["bytes"] = path.stat().st_size
+    attrs["bytes"] = path.stat().st_size + sum(f.stat().st_size for f in _shard_files(path))
     return attrs
+
+
+def _shard_files(path: Path) -> list[Path]:
+    """The files of the entry's own ``<key16>.shards/`` that embedcache wrote (shards, temporary
+    shards of a killed worker, the fault-test marker); never what else someone put there."""
+    stem = entry_stem(path)
+    folder = path.with_name(f"{stem}{SHARDS_SUFFIX}") if stem else None
+    if folder is None or folder.is_symlink() or not folder.is_dir():
+        return []
+    ours = re.compile(rf"{SHARD_NAME_PATTERN}|\.{SHARD_NAME_PATTERN}\..*\.tmp|\.fault-injected")
+    return sorted(f for f in folder.iterdir() if ours.fullmatch(f.name) and not f.is_symlink() and f.is_file())
+
+
+def _remove_shards(path: Path) -> list[Path]:
+    """Delete the entry's shard files, then its shard directory when nothing else is in it."""
+    removed = []
+    for shard in _shard_files(path):
+        with named_write_errors(shard):
+            shard.unlink()
+        removed.append(shard)
+    folder = path.with_name(f"{entry_stem(path)}{SHARDS_SUFFIX}")
+    if folder.is_symlink():
+        with named_write_errors(folder):
+            folder.unlink()  # a planted link: the name only, never what it points to
+        removed.append(folder)
+    elif folder.is_dir() and not any(folder.iterdir()):
+        with named_write_errors(folder):
+            folder.rmdir()
+        removed.append(folder)
+    return removed
 
 
 def list_entries(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -144,6 +177,7 @@ def remove_entry(path: str | os.PathLike) -> list[Path]:
                 with named_write_errors(candidate):
                     candidate.unlink()
                 removed.append(candidate)
+        removed += _remove_shards(path)
     finally:
         lock.release(unlink=True)
     return removed + ([lock.path] if had_lock else [])

@@ -29,6 +29,7 @@ from embedcache.store.schema import (
     JSON_ATTRS,
     ROWS_PER_CHUNK,
 )
+from embedcache.store.virtual import missing_shards, virtual_source_problem
 
 #: File-format version written: 1.8's, whose superblock and object headers carry checksums (1.10's
 #: would also mark files open for writing, so a killed writer's partial could not be resumed).
@@ -109,8 +110,16 @@ def read_numbers(dataset: h5py.Dataset, path: Path, selection: Any = Ellipsis) -
 
 
 def check_safe(handle: h5py.File, path: Path) -> None:
-    """Refuse links and storage that point outside the file, and filters we never write."""
+    """Refuse links and storage that point outside the file, and filters we never write.
+
+    The one exception: a sharded entry's virtual datasets, whose sources must be the entry's own
+    shard files (:mod:`~embedcache.store.virtual`); each of those files is checked in turn.
+
+    Raises:
+        CacheError: something points outside; CorruptEntryError: a shard file is missing.
+    """
     problems: list[str] = []
+    shard_files: set[str] = set()
 
     def visit(name: str, link: Any) -> None:
         if isinstance(link, h5py.ExternalLink):
@@ -124,13 +133,30 @@ def check_safe(handle: h5py.File, path: Path) -> None:
             if obj.external:
                 problems.append(f"external storage in /{name}")
             if obj.is_virtual:
-                problems.append(f"virtual dataset /{name}")
+                for source in obj.virtual_sources():
+                    problem = virtual_source_problem(path, name, source.file_name, source.dset_name)
+                    if problem:
+                        problems.append(problem)
+                    shard_files.add(source.file_name)
             if obj.compression not in ALLOWED_FILTERS:
                 problems.append(f"unknown filter {obj.compression!r} on /{name}")
 
     handle.visititems_links(visit)
     if problems:
-        raise CacheError(f"Refusing to read {str(path)!r}: {', '.join(problems)}.")
+        raise CacheError(f"Refusing to read {str(path)!r}: {', '.join(sorted(set(problems)))}.")
+    _check_shard_files(path, shard_files)
+
+
+def _check_shard_files(path: Path, shard_files: set[str]) -> None:
+    """The shards a sharded entry reads exist and are safe themselves (no virtual sources)."""
+    missing = missing_shards(path, shard_files)
+    if missing:
+        raise CorruptEntryError(f"{str(path)!r}: shard file(s) {', '.join(missing)} are missing. Run the same "
+                                f"`embedcache extract ... --engine ray` again to recompute them.")
+    for name in sorted(shard_files):
+        shard = path.parent / name
+        with open_h5(shard) as handle:
+            check_safe(handle, shard)  # a shard's name owns no shards: virtual datasets are refused
 
 
 def json_attr(value: Any) -> str:

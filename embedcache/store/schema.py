@@ -29,6 +29,13 @@ COLUMN_CRC32 = "column_crc32"
 #: Dataset of one CRC-32 per block of :data:`ROWS_PER_CHUNK` feature rows.
 BLOCK_CRC32 = "checksums/features"
 ALLOWED_FILTERS = (None, "gzip", "lzf")
+#: A sharded entry's shards live in ``<key16>.shards/`` beside ``<key16>.h5`` (docs/schema.md).
+SHARDS_SUFFIX = ".shards"
+#: Shard ``s`` (rows ``[s*S, (s+1)*S)``) is ``shard-<s, 5+ digits>.h5`` in that directory.
+SHARD_NAME_PATTERN = r"shard-[0-9]{5,}\.h5"
+#: Rows per shard by default (``--engine ray``): a multiple of the usual batch sizes and of
+#: :data:`ROWS_PER_CHUNK`.
+DEFAULT_SHARD_SIZE = 4096
 #: Environment variable naming the default cache directory.
 CACHE_DIR_ENV = "EMBEDCACHE_DIR"
 

@@ -33,6 +33,7 @@ from embedcache.store.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
     ROWS_PER_CHUNK,
+    SHARDS_SUFFIX,
 )
 
 #: Bytes of features read at a time.
@@ -76,12 +77,52 @@ def verify_entry(path: str | os.PathLike) -> VerifyReport:
     try:
         with open_h5(report.path) as handle:
             check_safe(handle, report.path)
+            mapping = virtual_mapping(handle)
+            if mapping:  # a sharded entry: each shard first, so a problem names its shard
+                _verify_shards(report, mapping, str(read_attrs(handle).get("cache_key", "")))
+                if not report.ok:
+                    return report
             _verify_open(handle, report)
     except CacheError as exc:
         report.problems.append(str(exc))
     except READ_FAILURES as exc:
         report.problems.append(f"unreadable ({type(exc).__name__}: {exc})")
     return report
+
+
+def virtual_mapping(handle: h5py.File) -> dict[str, dict[str, tuple[int, int]]]:
+    """``{shard file (relative): {dataset: (first row, stop)}}`` of a sharded entry's virtual
+    datasets (empty for a single-file entry)."""
+    mapping: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def visit(name: str, obj: object) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+            for source in obj.virtual_sources():
+                low, high = source.vspace.get_select_bounds()
+                mapping.setdefault(source.file_name, {})[name] = (int(low[0]), int(high[0]) + 1)
+
+    handle.visititems(visit)
+    return mapping
+
+
+def _verify_shards(report: VerifyReport, mapping: dict[str, dict[str, tuple[int, int]]], key: str) -> None:
+    """Every shard verifies on its own, is of this entry, and every column maps its row range."""
+    for name, columns in sorted(mapping.items()):
+        shard = verify_entry(report.path.parent / name)
+        problems = list(shard.problems)
+        if shard.ok:
+            with open_h5(shard.path) as handle:
+                attrs = read_attrs(handle)
+            rows = (int(attrs.get("row_start", -1)), int(attrs.get("row_stop", -1)))
+            if attrs.get("cache_key") != key:
+                problems.append(f"its cache key {attrs.get('cache_key')!r} is not the entry's")
+            problems += [f"/{column} maps rows {got[0]}-{got[1] - 1} onto it, but it holds rows {rows[0]}-{rows[1] - 1}"
+                         for column, got in sorted(columns.items()) if got != rows]
+            if len(columns) != len(next(iter(mapping.values()))):
+                problems.append("not every column is mapped onto it")
+        report.problems += [f"shard {name}: {problem}" for problem in problems]
+    if report.ok:
+        report.notes.append(f"sharded entry: {len(mapping)} shard files verified, each mapped onto its row range")
 
 
 def _verify_open(handle: h5py.File, report: VerifyReport) -> None:
@@ -95,7 +136,9 @@ def _verify_open(handle: h5py.File, report: VerifyReport) -> None:
         report.problems.append(f"format_version {version} is newer than this embedcache reads ({FORMAT_VERSION})")
         return
     key = str(attrs.get("cache_key", ""))
-    if not path.name.startswith(key[:16]) or len(key) != 64:
+    # a shard file is named by its directory, <key16>.shards/
+    named = path.name.lstrip(".").startswith(key[:16]) or path.parent.name == key[:16] + SHARDS_SUFFIX
+    if not named or len(key) != 64:
         report.problems.append(f"the file name does not match its cache key {key!r}")
     n, dim = int(attrs["n"]), int(attrs["dim"])
     report.rows = n
