@@ -90,7 +90,7 @@ class BenchResult:
 def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
           heads: list[str] | None = None, image_size: int | None = None, cache_dir: str | os.PathLike | None = None,
           out: str | os.PathLike | None = None, batch_size: int = 64, workers: int | None = None,
-          device: str = "auto", seed: int = 0,
+          device: str = "auto", runtime: str | None = None, seed: int = 0,
           progress: Callable[[str], None] | None = None,
           extract_progress: Callable[[Any], None] | None = None) -> BenchResult:
     """Leaderboard of probes across backbones (and heads) on one dataset.
@@ -106,6 +106,7 @@ def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
         batch_size: extraction batch size.
         workers: extraction decoding workers.
         device: extraction device.
+        runtime: extraction runtime (auto, torch, openvino; see ``extract``).
         seed: seed of the probe's validation hold-out.
         progress: called with one line per finished (backbone, head).
         extract_progress: passed to :func:`embedcache.extract` as its progress callback.
@@ -120,7 +121,8 @@ def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
     for item in items:
         store = extract(data, backbone=item.backbone, weights=item.weights,
                         image_size=image_size if item.image_size is None else item.image_size, cache_dir=cache_dir,
-                        batch_size=batch_size, workers=workers, device=device, progress=extract_progress)
+                        batch_size=batch_size, workers=workers, device=device, runtime=runtime,
+                        progress=extract_progress)
         if store.task != "classes":
             raise ConfigError(f"bench ranks class labels by test top-1; {data!s} carries {store.task} targets. "
                               f"Use `embedcache probe ENTRY` for them.")
