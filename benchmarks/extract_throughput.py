@@ -1,11 +1,14 @@
 """Extraction throughput, measured side by side in one run on the same images.
 
     python benchmarks/extract_throughput.py [--n 2048] [--backbone efficientnet_lite0]
-                                            [--image-size 224] [--repeats 3]
+                                            [--image-size 224] [--repeats 3] [--runtimes torch,openvino]
 
 Prints images/s for
-  (a) ceiling   the model alone on preloaded, preprocessed tensors (same precision/layout as ours)
-  (b) ours      `embedcache.extract(...)` end to end from PNG files into a fresh cache entry
+  (a) ceiling   the model alone on preloaded, preprocessed tensors (same precision/layout as ours),
+                for torch and (when installed) the same export under plain OpenVINO
+  (b) ours      `embedcache.extract(...)` end to end from PNG files into a fresh cache entry, once
+                per runtime (OpenVINO with its export already cached: the export's one-off
+                seconds are printed separately)
   (c) tutorial  the torchvision-tutorial loop: ImageFolder + Compose, fp32, NCHW, batch 32
 and the ratios b/a and b/c (medians over --repeats). Images are Fashion-MNIST test images written
 as PNG class folders (apt-get install dataset-fashion-mnist), or random images with --synthetic.
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -30,6 +34,7 @@ import embedcache
 from embedcache.models.build import get_backbone
 from embedcache.models.fuse import fold_batchnorms
 from embedcache.models.preprocess import normalize_batch, to_uint8_tensor
+from embedcache.models.runtimes import openvino_installed
 from embedcache.runtime import default_workers, resolve_device, resolve_precision
 
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -83,13 +88,29 @@ def time_ceiling(bb, files: list[Path], batch_size: int, device, precision: str)
     return len(files) / (time.perf_counter() - started)
 
 
-def time_ours(root: Path, args, workers: int) -> tuple[float, dict]:
+def time_ceiling_openvino(bb, files: list[Path], batch_size: int, precision: str, exports: Path) -> float:
+    """Model-only under plain OpenVINO: the cached export, preloaded uint8 batches, forward passes timed."""
+    from embedcache.models.openvino_backbone import openvino_backbone
+
+    batch = torch.stack([to_uint8_tensor(Image.open(f).convert("RGB"), bb.preprocess) for f in files])
+    model = openvino_backbone(bb, precision=precision, exports_dir=exports)
+    model(batch[:batch_size])  # warm-up
+    started = time.perf_counter()
+    for start in range(0, len(files), batch_size):
+        model(batch[start : start + batch_size])
+    return len(files) / (time.perf_counter() - started)
+
+
+def time_ours(root: Path, args, workers: int, runtime: str, exports: Path | None) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory() as cache:
+        if exports is not None:  # the export is made once per backbone configuration: not timed here
+            shutil.copytree(exports, Path(cache) / "exports")
         started = time.perf_counter()
         store = embedcache.extract(root, backbone=args.backbone, image_size=args.image_size,
-                                   batch_size=args.batch_size, workers=workers, cache_dir=cache)
+                                   batch_size=args.batch_size, workers=workers, cache_dir=cache, runtime=runtime)
         seconds = time.perf_counter() - started
-    assert not store.cache_hit
+    if store.cache_hit:
+        raise SystemExit("a fresh cache directory gave a cache hit: the benchmark is broken")
     return len(store) / seconds, store.stats
 
 
@@ -126,6 +147,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--synthetic", action="store_true")
+    parser.add_argument("--runtimes", default=None,
+                        help="comma-separated: torch, openvino (default: torch, and openvino when installed)")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args()
 
@@ -133,30 +156,58 @@ def main() -> None:
     precision = resolve_precision("auto", device)
     workers = default_workers() if args.workers is None else args.workers
     bb = get_backbone(args.backbone, image_size=args.image_size)
-    results: dict[str, list[float]] = {"ceiling": [], "ours": [], "tutorial": []}
+    runtimes = ([r.strip() for r in args.runtimes.split(",") if r.strip()] if args.runtimes
+                else ["torch"] + (["openvino"] if openvino_installed() and device.type == "cpu" else []))
+    results: dict[str, list[float]] = {"ceiling": [], "tutorial": []}
+    results.update({f"ours-{r}": [] for r in runtimes})
+    export_seconds = None
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"
         write_images(root, args.n, args.synthetic)
         files = image_files(root)
+        exports = Path(tmp) / "exports"
+        if "openvino" in runtimes:
+            from embedcache.models.openvino_backbone import openvino_backbone
+
+            started = time.perf_counter()
+            openvino_backbone(bb, precision=precision, exports_dir=exports).close()
+            export_seconds = time.perf_counter() - started
+            results["ceiling-openvino"] = []
         for _ in range(args.repeats):
             results["ceiling"].append(time_ceiling(bb, files, args.batch_size, device, precision))
-            rate, stats = time_ours(root, args, workers)
-            results["ours"].append(rate)
+            if "openvino" in runtimes:
+                results["ceiling-openvino"].append(time_ceiling_openvino(bb, files, args.batch_size, precision, exports))
+            for runtime in runtimes:
+                rate, stats = time_ours(root, args, workers, runtime, exports if runtime == "openvino" else None)
+                results[f"ours-{runtime}"].append(rate)
             results["tutorial"].append(time_tutorial(root, bb, workers, device))
     med = {k: statistics.median(v) for k, v in results.items()}
+    best = max(runtimes, key=lambda r: med[f"ours-{r}"])
+    med["ours"] = med[f"ours-{best}"]
     machine = (f"{cpu_model()}, {os.cpu_count()} cores, "
                f"torch {torch.__version__}, device {device}, precision {precision}")
     print(f"machine: {machine}")
     print(f"images: {len(files)} PNG files, backbone {args.backbone} at {bb.preprocess.crop_size}px, "
           f"batch {args.batch_size}, workers {workers}, repeats {args.repeats} (median)")
-    for name, label in (("ceiling", "(a) model only, preloaded"), ("ours", "(b) embedcache extract, end to end"),
-                        ("tutorial", "(c) tutorial loop, fp32 NCHW b32")):
+    rows = [("ceiling", "(a) model only, preloaded, torch")]
+    if "ceiling-openvino" in results:
+        rows.append(("ceiling-openvino", "(a) model only, preloaded, OpenVINO"))
+    rows += [(f"ours-{r}", f"(b) embedcache extract --runtime {r}") for r in runtimes]
+    rows.append(("tutorial", "(c) tutorial loop, fp32 NCHW b32"))
+    for name, label in rows:
         runs = ", ".join(f"{r:.0f}" for r in results[name])
-        print(f"{label:<40} {med[name]:8.1f} img/s   runs: {runs}")
-    print(f"b/a = {med['ours'] / med['ceiling']:.2f}   b/c = {med['ours'] / med['tutorial']:.2f}")
+        print(f"{label:<44} {med[name]:8.1f} img/s   runs: {runs}")
+    if export_seconds is not None:
+        print(f"OpenVINO export (once per backbone configuration, cached): {export_seconds:.1f} s")
+    ceiling = max(med["ceiling"], med.get("ceiling-openvino", 0.0))
+    print(f"best runtime: {best}; b/a = {med['ours'] / ceiling:.2f} (against the faster ceiling)   "
+          f"b/c = {med['ours'] / med['tutorial']:.2f}")
+    if "ours-openvino" in med and "ours-torch" in med:
+        print(f"openvino / torch (end to end) = {med['ours-openvino'] / med['ours-torch']:.2f}   "
+              f"ours-openvino / plain OpenVINO model-only = {med['ours-openvino'] / med['ceiling-openvino']:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "runs": results, "median": med,
-                                         "b_over_a": med["ours"] / med["ceiling"],
+                                         "export_seconds": export_seconds, "b_over_a": med["ours"] / ceiling,
                                          "b_over_c": med["ours"] / med["tutorial"]}, indent=2))
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The suite runs the torch runtime unless a test asks for another (tests/extraction/test_openvino.py):
+# `auto` would pick OpenVINO wherever it is installed, and export every tiny test model.
+os.environ.setdefault("EMBEDCACHE_RUNTIME", "torch")
 
 import tests.tiny_backbone  # noqa: F401 - registers the tiny backbone
 from embedcache.experiments.protocol import probe

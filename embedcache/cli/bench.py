@@ -13,6 +13,7 @@ from embedcache.cli.common import (
     handle_errors,
     parse_ints,
     progress_bar,
+    runtime_option,
     table,
     threads_option,
     workers_option,
@@ -33,6 +34,7 @@ from embedcache.heads.registry import HEADS
 @workers_option
 @threads_option
 @device_option
+@runtime_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probes' val hold-out.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write leaderboard.json/.csv/.md (and .png with matplotlib) here.")

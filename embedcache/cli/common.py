@@ -27,6 +27,11 @@ device_option = click.option("--device", type=click.Choice(DEVICES), default="au
 precision_option = click.option(
     "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
     help="Autocast precision; auto = bf16 on CPUs with native bf16, fp16 on GPUs, else fp32.")
+runtime_option = click.option(
+    "--runtime", type=click.Choice(("auto", "torch", "openvino")), default=None,
+    help="What runs the backbone: torch, or openvino (CPU only, pip install \"embedcache[openvino]\"). "
+         "Default: $EMBEDCACHE_RUNTIME, else auto = openvino on the CPU when installed, else torch. "
+         "A runtime other than torch is part of the cache key.")
 batch_size_option = click.option("--batch-size", type=int, default=64, show_default=True,
                                  help="Images per forward pass (not in the cache key).")
 workers_option = click.option("--workers", type=int, default=None,

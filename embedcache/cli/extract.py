@@ -16,6 +16,7 @@ from embedcache.cli.common import (
     json_option,
     precision_option,
     progress_bar,
+    runtime_option,
     threads_option,
     workers_option,
 )
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 @threads_option
 @device_option
 @precision_option
+@runtime_option
 @click.option("--store-dtype", type=click.Choice(STORE_DTYPES), default="float16", show_default=True,
               help="On-disk dtype of the features.")
 @click.option("--max-errors", default=None,
@@ -126,4 +128,5 @@ def _summary(stats: ExtractStats, path: Path) -> str:
         extra.append(f"{stats.resumed_rows} resumed")
     return (f"extracted {stats.n} images ({stats.computed_rows} computed"
             f"{', ' + ', '.join(extra) if extra else ''}), {stats.failed} failed, "
-            f"{stats.seconds:.1f} s{rate}, {stats.device}/{stats.precision} -> {path}")
+            f"{stats.seconds:.1f} s{rate}, {stats.device}/{stats.precision}"
+            f"{'' if stats.runtime == 'torch' else '/' + stats.runtime} -> {path}")

@@ -138,6 +138,9 @@ def _probe_report(result: ProbeResult) -> str:
 @workers_option
 @threads_option
 @device_option
+@click.option("--runtime", type=click.Choice(("auto", "torch", "openvino")), default=None,
+              help="What runs the backbone. Default: $EMBEDCACHE_RUNTIME if set, else the runtime the "
+                   "probe's features were extracted with (torch where OpenVINO is not installed).")
 @handle_errors
 def predict_command(probe_dir: Path, paths: tuple[str, ...], top_k: int, out_csv: Path | None,
                     **options: object) -> None:

@@ -72,6 +72,7 @@ def save_probe(result: Any, store: Any, out: Path) -> Path:
         "backbone": store.backbone,
         "preprocess": store.attrs.get("preprocess"),
         "precision": store.attrs.get("precision"),
+        "runtime": store.attrs.get("runtime", "torch"),
         "metrics": {k: v for k, v in result.metrics.items() if k != "confusion_matrix"},
         "val_fraction": result.val_fraction,
         "seed": result.seed,

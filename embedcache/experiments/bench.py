@@ -92,7 +92,7 @@ class BenchResult:
 def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
           heads: list[str] | None = None, image_size: int | None = None, cache_dir: str | os.PathLike | None = None,
           out: str | os.PathLike | None = None, batch_size: int = 64, workers: int | None = None,
-          device: str = "auto", seed: int = 0, threads: int | None = None,
+          device: str = "auto", runtime: str | None = None, seed: int = 0, threads: int | None = None,
           progress: Callable[[str], None] | None = None,
           extract_progress: Callable[[Any], None] | None = None) -> BenchResult:
     """Leaderboard of probes across backbones (and heads) on one dataset.
@@ -108,6 +108,7 @@ def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
         batch_size: extraction batch size.
         workers: extraction decoding workers.
         device: extraction device.
+        runtime: extraction runtime (auto, torch, openvino; see ``extract``).
         seed: seed of the probe's validation hold-out.
         threads: torch's intra-op threads for extraction and probes (default ``$EMBEDCACHE_THREADS``,
             else the cores available, less the workers while extracting); recorded in each row.
@@ -124,7 +125,7 @@ def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
     for item in items:
         store = extract(data, backbone=item.backbone, weights=item.weights,
                         image_size=image_size if item.image_size is None else item.image_size, cache_dir=cache_dir,
-                        batch_size=batch_size, workers=workers, threads=threads, device=device,
+                        batch_size=batch_size, workers=workers, threads=threads, device=device, runtime=runtime,
                         progress=extract_progress)
         if store.task != "classes":
             raise ConfigError(f"bench ranks class labels by test top-1; {data!s} carries {store.task} targets. "

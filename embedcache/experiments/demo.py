@@ -60,6 +60,7 @@ def run_demo(
     stats = store.stats
     how = "cache hit, no model ran" if store.cache_hit else (
         f"{stats.computed_rows} images, {stats.images_per_s or 0:.0f} img/s on {stats.device}/{stats.precision}"
+        f"{'' if stats.runtime == 'torch' else '/' + stats.runtime}"
     )
     sizes = on_features.split_sizes
     lines = [

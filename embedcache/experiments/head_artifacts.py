@@ -67,6 +67,7 @@ def _metadata(result: Any, store: Any) -> dict[str, Any]:
         "class_names": list(store.class_names), "target_names": list(result.target_names),
         "cache_key": store.cache_key, "cache_path": str(Path(store.path).resolve()), "backbone": store.backbone,
         "preprocess": store.attrs.get("preprocess"), "precision": store.attrs.get("precision"),
+        "runtime": store.attrs.get("runtime", "torch"),
         "metrics": {k: v for k, v in result.metrics.items() if k != "confusion_matrix"},
         "val_fraction": result.val_fraction, "seed": result.seed, "versions": software_versions(),
     }

@@ -14,10 +14,12 @@ from embedcache.errors import ConfigError
 from embedcache.experiments.artifacts import load_probe, normalise_class_name
 from embedcache.experiments.predict_targets import class_scores, target_outputs, truth_options
 from embedcache.extraction.loop import Progress, compute_features
+from embedcache.models.runtimes import EXPORTS_DIR, RUNTIME_ENV, openvino_installed, resolve_runtime
 from embedcache.runtime import check_workers, resolve_device, run_threads
 from embedcache.sources.base import FileSource, ImageSource, Sample
 from embedcache.sources.open import open_source
 from embedcache.splits import Split
+from embedcache.store.schema import default_cache_dir
 
 
 @dataclass
@@ -53,7 +55,8 @@ class PredictResult:
 
 def predict(probe_path: str | os.PathLike, inputs: Sequence[str], *, top_k: int = 1, batch_size: int = 64,
             workers: int | None = None, device: str = "auto", weights_path: str | os.PathLike | None = None,
-            progress: Callable[[Progress], None] | None = None, threads: int | None = None) -> PredictResult:
+            runtime: str | None = None, progress: Callable[[Progress], None] | None = None,
+            threads: int | None = None) -> PredictResult:
     """Classify images (files, folders, or any DATA form) with a saved probe.
 
     Args:
@@ -62,6 +65,8 @@ def predict(probe_path: str | os.PathLike, inputs: Sequence[str], *, top_k: int 
         top_k: classes returned per image.
         batch_size, workers, device: how the backbone runs.
         weights_path: the local weights file, when the probe's backbone used one.
+        runtime: auto, torch or openvino; None: ``$EMBEDCACHE_RUNTIME`` if set, else the runtime
+            the probe's features were extracted with (torch where OpenVINO is not available).
         progress: called after every batch.
         threads: the backbone's intra-op threads (default ``$EMBEDCACHE_THREADS``, else the cores
             available less ``workers``; see :func:`~embedcache.runtime.resolve_threads`).
@@ -75,13 +80,13 @@ def predict(probe_path: str | os.PathLike, inputs: Sequence[str], *, top_k: int 
     workers = check_workers(workers)
     with run_threads(threads, workers=workers) as count:
         result = _predict(probe_path, list(inputs), top_k=top_k, batch_size=batch_size, workers=workers,
-                          device=device, weights_path=weights_path, progress=progress)
+                          device=device, weights_path=weights_path, runtime=runtime, progress=progress)
     result.threads = count
     return result
 
 
 def _predict(probe_path: str | os.PathLike, inputs: list[str], *, top_k: int, batch_size: int, workers: int,
-             device: str, weights_path: str | os.PathLike | None,
+             device: str, weights_path: str | os.PathLike | None, runtime: str | None,
              progress: Callable[[Progress], None] | None) -> PredictResult:
     loaded = load_probe(probe_path)
     bb = loaded.build_backbone(weights_path)
@@ -89,8 +94,10 @@ def _predict(probe_path: str | os.PathLike, inputs: list[str], *, top_k: int, ba
     precision = loaded.metadata.get("precision") or "auto"
     if precision == "fp16" and resolve_device(device).type == "cpu":
         precision = "auto"  # recorded on a GPU; CPUs have no fp16 autocast: use this machine's best
-    rows_idx, features, failures = compute_features(bb, source, batch_size=batch_size, workers=workers,
-                                                    device=device, precision=precision, progress=progress)
+    rows_idx, features, failures = compute_features(
+        bb, source, batch_size=batch_size, workers=workers, device=device, precision=precision,
+        runtime=_runtime(runtime, loaded.metadata, device, bb.name), exports_dir=default_cache_dir() / EXPORTS_DIR,
+        progress=progress)
     if loaded.metadata.get("task", "classes") != "classes":  # numeric targets, label sets: predict_targets.py
         return _target_result(loaded, source, rows_idx, features, failures)
     names = loaded.class_names
@@ -107,6 +114,17 @@ def _predict(probe_path: str | os.PathLike, inputs: list[str], *, top_k: int, ba
     accuracy = float(np.mean([r.pred[0] == r.true for r in scored])) if scored else None
     return PredictResult(rows, [(source.samples[i].path, m) for i, m in failures], accuracy, len(scored), source.root,
                          score_name=score_name)
+
+
+def _runtime(runtime: str | None, metadata: dict, device: str, backbone_name: str) -> str:
+    """The resolved runtime for ``predict`` (see its ``runtime`` argument)."""
+    device_type = resolve_device(device).type
+    if runtime is None and not os.environ.get(RUNTIME_ENV):
+        recorded = metadata.get("runtime") or "torch"
+        if recorded == "openvino" and not (device_type == "cpu" and openvino_installed()):
+            recorded = "torch"  # the features agree to a cosine of ~0.9999 (docs/benchmarks.md)
+        return resolve_runtime(recorded, device_type, backbone_name=backbone_name)
+    return resolve_runtime(runtime, device_type, backbone_name=backbone_name)
 
 
 def _target_result(loaded: object, source: ImageSource, rows_idx: np.ndarray, features: np.ndarray,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from embedcache.extraction.loop import (
+    Deferred,
     ImageDataset,
     Progress,
     inference_module,
@@ -21,6 +22,7 @@ from embedcache.extraction.loop import (
 from embedcache.extraction.options import ExtractStats, RunOptions, check_max_errors
 from embedcache.extraction.plan import ExtractionPlan
 from embedcache.models.backbone import Backbone
+from embedcache.models.runtimes import EXPORTS_DIR
 from embedcache.runtime import torch_threads
 from embedcache.store.reader import FeatureStore, find_reusable_entry, reusable_rows
 from embedcache.store.writer import StoreWriter
@@ -54,7 +56,7 @@ def compute_entry(plan: ExtractionPlan, bb: Backbone, options: RunOptions,
         resumed, warnings = writer.resumed_rows, list(writer.warnings)
     store = FeatureStore.open(final_path)
     stats = ExtractStats(n=n, failed=len(store.errors), seconds=0.0, device=plan.device, precision=plan.precision,
-                         model_seconds=loop_seconds, computed_rows=computed, reused_rows=reused,
+                         runtime=plan.runtime, model_seconds=loop_seconds, computed_rows=computed, reused_rows=reused,
                          resumed_rows=resumed, images_per_s=rate, threads=options.threads, warnings=warnings)
     return store, stats
 
@@ -67,7 +69,8 @@ def _write_batches(plan: ExtractionPlan, bb: Backbone, writer: StoreWriter, batc
     attempted = int(writer.attempted.sum())
     loop_started = time.perf_counter()
     device = torch.device(plan.device)
-    module = inference_module(bb, device) if batches else None
+    module = Deferred(lambda: inference_module(bb, device, runtime=plan.runtime, precision=plan.precision,
+                                               exports_dir=plan.cache_dir / EXPORTS_DIR))
     dataset = ImageDataset(plan.source, bb.preprocess)
     for index, batch in enumerate(run_batches(module, dataset, batches, device=device,
                                               precision=plan.precision, workers=options.workers)):

@@ -66,6 +66,7 @@ def extract(
     threads: int | None = None,
     device: str = "auto",
     precision: str = "auto",
+    runtime: str | None = None,
     store_dtype: str = "float16",
     cache_dir: str | os.PathLike | None = None,
     max_errors: float | int | str | None = None,
@@ -99,6 +100,8 @@ def extract(
             :func:`~embedcache.runtime.resolve_threads`).
         device: auto, cpu, cuda or mps.
         precision: auto, fp32, bf16 or fp16 (autocast dtype).
+        runtime: auto, torch or openvino (None: ``$EMBEDCACHE_RUNTIME``, else auto: OpenVINO
+            on the CPU when it is installed); a runtime other than torch is in the cache key.
         store_dtype: float16 (default, half the disk) or float32.
         cache_dir: where entries live (default ``$EMBEDCACHE_DIR`` or ``./cache``).
         max_errors: fail when more images than this fail to decode (count, or fraction < 1).
@@ -135,7 +138,8 @@ def extract(
                            pool=pool, image_size=image_size, device=device, precision=precision,
                            store_dtype=store_dtype, cache_dir=cache_dir, unlabelled=unlabelled,
                            val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
-                           targets=targets, worker_device="cuda" if ray_options and gpus_per_worker else None)
+                           targets=targets, worker_device="cuda" if ray_options and gpus_per_worker else None,
+                           runtime=runtime)
     options = RunOptions(batch_size, workers, threads, parse_max_errors(max_errors, len(plan.source)), max_errors,
                          incremental)
     warnings: list[str] = []
@@ -189,5 +193,5 @@ def _cache_hit(plan: ExtractionPlan, options: RunOptions, started: float, warnin
     check_max_errors(len(store.errors), options, [(row, message) for row, _path, message in store.errors],
                      plan.source)
     stats = ExtractStats(n=len(plan.source), failed=len(store.errors), seconds=time.perf_counter() - started,
-                         device=plan.device, precision=plan.precision, warnings=warnings)
+                         device=plan.device, precision=plan.precision, runtime=plan.runtime, warnings=warnings)
     return ExtractResult(**vars(store), cache_hit=True, stats=stats)

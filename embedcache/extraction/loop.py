@@ -10,14 +10,17 @@ it comes back as a failure ``(row, message)``.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from embedcache.errors import DecodeError
+from embedcache.errors import ConfigError, DecodeError
 from embedcache.models.backbone import Backbone
 from embedcache.models.fuse import fold_batchnorms
 from embedcache.models.preprocess import PreprocessSpec, normalize_batch, to_uint8_tensor
@@ -99,6 +102,15 @@ def image_loader(dataset: torch.utils.data.Dataset, batches: Sequence[Sequence[i
         pin_memory=device.type == "cuda", prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
 
 
+class Deferred:
+    """A model built only once :func:`run_batches` has started its decoding workers (so they are
+    forked from a process without the runtime's thread pool, and a runtime's compile overlaps
+    their start-up)."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self.build = build
+
+
 def model_input(images: torch.Tensor, device: torch.device, preprocess: PreprocessSpec,
                 buffer: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 batch -> normalised float on ``device``, channels-last (the layout the model runs in).
@@ -140,20 +152,30 @@ def row_batches(attempted: np.ndarray, batch_size: int) -> list[list[int]]:
     return out
 
 
-def inference_module(bb: Backbone, device: torch.device) -> torch.nn.Module:
-    """The backbone's module ready for inference on ``device``: BatchNorm folded, channels-last."""
+def inference_module(bb: Backbone, device: torch.device, *, runtime: str = "torch", precision: str = "fp32",
+                     exports_dir: Path | None = None) -> Any:
+    """The backbone ready for inference on ``device``: for torch its module, BatchNorm folded,
+    channels-last; for ``runtime="openvino"`` the compiled export (cached in ``exports_dir``)."""
+    if runtime == "openvino":
+        from embedcache.models.openvino_backbone import openvino_backbone
+
+        if exports_dir is None:
+            raise ConfigError("runtime='openvino' needs a directory for its exports (the cache directory).")
+        return openvino_backbone(bb, precision=precision, exports_dir=exports_dir)
     model = fold_batchnorms(bb.module, input_size=bb.preprocess.crop_size).to(device)
     if device.type in ("cpu", "cuda"):
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def run_batches(module: torch.nn.Module, dataset: ImageDataset, batches: Sequence[Sequence[int]], *,
+def run_batches(module: Any | Deferred, dataset: ImageDataset, batches: Sequence[Sequence[int]], *,
                 device: torch.device, precision: str, workers: int) -> Iterator[Batch]:
     """Yield one :class:`Batch` per entry of ``batches`` (row indices of ``dataset``), in order.
 
     Args:
-        module: a module on ``device`` mapping normalised ``(N, 3, H, W)`` to ``(N, D)``.
+        module: a module on ``device`` mapping normalised ``(N, 3, H, W)`` to ``(N, D)``, or a
+            compiled runtime (``takes_uint8``) mapping the uint8 batch to float32 numpy; or a
+            :class:`Deferred` one, built after the workers have started.
         dataset: decodes rows (its ``spec`` is the preprocessing applied).
         batches: the rows of each batch.
         device: where the module runs.
@@ -162,26 +184,44 @@ def run_batches(module: torch.nn.Module, dataset: ImageDataset, batches: Sequenc
     """
     if not batches:
         return
-    loader = image_loader(dataset, batches, workers=workers, device=device)
+    if workers > 0 and "openvino" in sys.modules:
+        # Decoding workers are forked, and a process that has run OpenVINO (its thread pool, its
+        # allocator) is not safe to fork: in a test session that forked and ran OpenVINO again the
+        # process later crashed. So a second run in one process decodes in-process; a command's
+        # single run forks first and builds the runtime after (see Deferred).
+        workers = 0
+    loader = iter(image_loader(dataset, batches, workers=workers, device=device))  # workers start here
+    built = isinstance(module, Deferred)
+    if built:
+        module = module.build()
     buffer = None
     reuse = reuse_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
-    with reuse, torch.inference_mode(), autocast(device, precision):
-        for indices, images, failures in loader:
-            if len(indices) == 0:
-                yield Batch(indices.numpy(), None, failures)
-                continue
-            buffer = input_buffer(buffer, images, device)
-            outputs = module(model_input(images, device, dataset.spec, buffer)).float().cpu()
-            if buffer is not None and outputs.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
-                outputs = outputs.clone()  # a module that returns (a view of) its input: the next batch overwrites it
-            yield Batch(indices.numpy(), outputs.numpy(), failures)
+    try:
+        with reuse, torch.inference_mode(), autocast(device, precision):
+            for indices, images, failures in loader:
+                if len(indices) == 0:
+                    yield Batch(indices.numpy(), None, failures)
+                    continue
+                if getattr(module, "takes_uint8", False):
+                    yield Batch(indices.numpy(), module(images), failures)
+                    continue
+                buffer = input_buffer(buffer, images, device)
+                outputs = module(model_input(images, device, dataset.spec, buffer)).float().cpu()
+                if buffer is not None and outputs.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+                    outputs = outputs.clone()  # a module that returns (a view of) its input: the next batch overwrites it
+                yield Batch(indices.numpy(), outputs.numpy(), failures)
+    finally:
+        if built and hasattr(module, "close"):
+            module.close()  # a runtime's compiled model is released here, not at a random collection
+        del loader  # the workers stop now
 
 
 def compute_features(bb: Backbone, source: ImageSource, *, batch_size: int = 64, workers: int = 0,
-                     device: str = "auto", precision: str = "auto",
-                     progress: Callable[[Progress], None] | None = None
+                     device: str = "auto", precision: str = "auto", runtime: str = "torch",
+                     exports_dir: Path | None = None, progress: Callable[[Progress], None] | None = None
                      ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
-    """Features of every image of ``source`` in memory, without the cache (used by predict).
+    """Features of every image of ``source`` in memory, without the cache (used by predict);
+    ``runtime`` is a resolved runtime (``torch`` or ``openvino``, whose exports go to ``exports_dir``).
 
     Returns:
         ``(rows, features (len(rows), D) float32, failures [(row, message)])``.
@@ -192,8 +232,8 @@ def compute_features(bb: Backbone, source: ImageSource, *, batch_size: int = 64,
     rows, feats, failures = [], [], []
     started = time.perf_counter()
     dataset = ImageDataset(source, bb.preprocess)
-    for batch in run_batches(inference_module(bb, dev), dataset, batches, device=dev, precision=prec,
-                             workers=workers):
+    module = Deferred(lambda: inference_module(bb, dev, runtime=runtime, precision=prec, exports_dir=exports_dir))
+    for batch in run_batches(module, dataset, batches, device=dev, precision=prec, workers=workers):
         failures.extend(batch.failures)
         if batch.outputs is not None:
             rows.append(batch.rows)

@@ -22,7 +22,7 @@ class ExtractStats:
         computed_rows / reused_rows / resumed_rows: rows run through the model in this call,
             copied from an older entry, found done in a ``.partial``.
         images_per_s: computed rows per second of the loop (None when nothing was computed).
-        device, precision: where and how the model ran (or would have run).
+        device, precision, runtime: where and how the model ran (or would have run).
         threads: intra-op threads the model ran with (None on a cache hit: no model ran).
         warnings: notes such as a discarded unreadable ``.partial``.
     """
@@ -32,6 +32,7 @@ class ExtractStats:
     seconds: float
     device: str
     precision: str
+    runtime: str = "torch"
     model_seconds: float | None = None
     computed_rows: int = 0
     reused_rows: int = 0

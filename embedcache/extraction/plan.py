@@ -20,6 +20,7 @@ from typing import Any
 from embedcache.errors import CacheError, ConfigError
 from embedcache.models.backbone import Backbone, BackboneSpec
 from embedcache.models.catalog import backbone_identity
+from embedcache.models.runtimes import key_payload, resolve_runtime
 from embedcache.runtime import resolve_device_type, resolve_precision
 from embedcache.sources.base import ImageSource
 from embedcache.sources.decode import DECODER_VERSION
@@ -62,6 +63,7 @@ class ExtractionPlan:
         backbone: the backbone's identity (from memory, or from building it once).
         request: how to build the backbone, or None when a built one was given (``built``).
         device, precision: where and how the model runs (resolved: ``cpu``/``cuda``/``mps``).
+        runtime: what runs the model (resolved: ``torch`` or ``openvino``; in the key unless torch).
         store_dtype: the on-disk dtype of the features.
         config_key: the key without the data (entries sharing it hold interchangeable rows).
         manifest_sha256: the data's identity.
@@ -81,6 +83,7 @@ class ExtractionPlan:
     cache_dir: Path
     final_path: Path
     partial_path: Path
+    runtime: str = "torch"
 
     def entry_attrs(self) -> dict[str, Any]:
         """Root attributes written to the entry (besides the writer's own)."""
@@ -91,6 +94,7 @@ class ExtractionPlan:
             "backbone": self.backbone.to_dict(),
             "preprocess": self.backbone.preprocess.to_dict(),
             "precision": self.precision,
+            "runtime": self.runtime,
             "decoder_version": DECODER_VERSION,
             "versions": {**software_versions(), "key_libraries": library_versions()},
             "manifest_sha256": self.manifest_sha256,
@@ -140,6 +144,7 @@ def plan_extraction(
     split_seed: int = 0,
     targets: list[str] | None = None,
     worker_device: str | None = None,
+    runtime: str | None = None,
 ) -> ExtractionPlan:
     """Resolve everything that defines an entry (no model run); arguments as for
     :func:`~embedcache.extraction.extract.extract`, and ``worker_device``: the device type the
@@ -163,19 +168,21 @@ def plan_extraction(
                                   layer, pool, image_size)
         spec, built = _backbone_spec(request, cache_dir)
     dev = worker_device or resolve_device_type(device)
-    return _keyed_plan(source, spec, request, built, dev, resolve_precision(precision, dev), store_dtype, cache_dir)
+    resolved = resolve_runtime(runtime, dev, backbone_name=spec.name)
+    return _keyed_plan(source, spec, request, built, dev, resolve_precision(precision, dev), store_dtype, cache_dir,
+                       resolved)
 
 
 def _keyed_plan(source: ImageSource, spec: BackboneSpec, request: BackboneRequest | None, built: Backbone | None,
-                device: str, precision: str, store_dtype: str, cache_dir: Path) -> ExtractionPlan:
+                device: str, precision: str, store_dtype: str, cache_dir: Path, runtime: str) -> ExtractionPlan:
     cfg_key = config_key(backbone={k: v for k, v in spec.to_dict().items() if k != "dim"},
                          preprocess=spec.preprocess.to_dict(), precision=precision, store_dtype=store_dtype,
-                         decoder_version=DECODER_VERSION)
+                         decoder_version=DECODER_VERSION, runtime=key_payload(runtime))
     manifest = source.manifest_sha256()
     key = cache_key(config=cfg_key, manifest_sha256=manifest)
     final, partial, _ = entry_paths(cache_dir, key)
     return ExtractionPlan(source, spec, request, built, device, precision, store_dtype, cfg_key, manifest, key,
-                          cache_dir, final, partial)
+                          cache_dir, final, partial, runtime)
 
 
 def build_backbone(plan: ExtractionPlan) -> tuple[Backbone, ExtractionPlan]:
@@ -192,4 +199,4 @@ def build_backbone(plan: ExtractionPlan) -> tuple[Backbone, ExtractionPlan]:
     if memo_identity is not None:
         _memo(plan.cache_dir).put(sha256_json(memo_identity), bb.identity().to_memo())
     return bb, _keyed_plan(plan.source, bb.identity(), plan.request, bb, plan.device, plan.precision,
-                           plan.store_dtype, plan.cache_dir)
+                           plan.store_dtype, plan.cache_dir, plan.runtime)

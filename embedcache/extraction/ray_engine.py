@@ -26,6 +26,7 @@ from embedcache.extraction.options import ExtractStats, RunOptions, check_max_er
 from embedcache.extraction.plan import ExtractionPlan
 from embedcache.fileio import named_write_errors
 from embedcache.models.backbone import Backbone
+from embedcache.models.runtimes import EXPORTS_DIR
 from embedcache.store.locking import EntryLock
 from embedcache.store.reader import FeatureStore
 from embedcache.store.schema import DEFAULT_SHARD_SIZE, entry_paths
@@ -185,7 +186,8 @@ def _dataset(ray: Any, plan: ExtractionPlan, bb: Backbone, options: RunOptions, 
             fn_constructor_kwargs={"backbone": bb, "device": plan.device,
                                    "precision": plan.precision, "batch_size": options.batch_size,
                                    "ranges": ranges, "writing": writing,
-                                   "fault_after": int(fault) if fault else None})
+                                   "fault_after": int(fault) if fault else None, "runtime": plan.runtime,
+                                   "exports_dir": str(plan.cache_dir / EXPORTS_DIR)})
 
 
 def compute_sharded(plan: ExtractionPlan, bb: Backbone, options: RunOptions, ray_options: RayOptions,
@@ -226,7 +228,7 @@ def compute_sharded(plan: ExtractionPlan, bb: Backbone, options: RunOptions, ray
     store = FeatureStore.open(final)
     computed = sum(ranges[s][1] - ranges[s][0] for s in todo)
     stats = ExtractStats(n=n, failed=len(store.errors), seconds=0.0, device=plan.device, precision=plan.precision,
-                         model_seconds=loop_seconds, computed_rows=computed, resumed_rows=n - computed,
+                         runtime=plan.runtime, model_seconds=loop_seconds, computed_rows=computed, resumed_rows=n - computed,
                          images_per_s=computed / loop_seconds if computed and loop_seconds > 0 else None,
                          warnings=warnings)
     return store, stats

@@ -62,9 +62,11 @@ class ShardEmbedder:
     its shard file (temporary name, read back, fsync, rename)."""
 
     def __init__(self, *, backbone: Backbone, device: str, precision: str, batch_size: int,
-                 ranges: list[tuple[int, int]], writing: dict[str, Any], fault_after: int | None = None) -> None:
+                 ranges: list[tuple[int, int]], writing: dict[str, Any], fault_after: int | None = None,
+                 runtime: str = "torch", exports_dir: str | None = None) -> None:
         self.device = torch.device(device)
-        self.module = inference_module(backbone, self.device)
+        self.module = inference_module(backbone, self.device, runtime=runtime, precision=precision,
+                                       exports_dir=None if exports_dir is None else Path(exports_dir))
         self.preprocess = backbone.preprocess
         self.precision, self.batch_size, self.ranges = precision, batch_size, ranges
         self.writing = writing
@@ -98,8 +100,10 @@ class ShardEmbedder:
                 self._maybe_fail()
                 # (M, H, W, 3) viewed as (M, 3, H, W): channels-last in memory, as the local loop stacks it
                 batch = torch.from_numpy(np.ascontiguousarray(images[rows])).permute(0, 3, 1, 2)
-                x = model_input(batch, self.device, self.preprocess)
-                out[rows] = self.module(x).float().cpu().numpy()
+                if getattr(self.module, "takes_uint8", False):  # a compiled runtime (OpenVINO)
+                    out[rows] = self.module(batch)
+                else:
+                    out[rows] = self.module(model_input(batch, self.device, self.preprocess)).float().cpu().numpy()
                 self.batches_run += 1
         return out
 

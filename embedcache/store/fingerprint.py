@@ -67,10 +67,13 @@ def config_payload(
     precision: str,
     store_dtype: str,
     decoder_version: str,
+    runtime: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Everything in the key except the data: two entries with equal config keys hold
-    interchangeable rows for the same file, which is what incremental extraction relies on."""
-    return {
+    interchangeable rows for the same file, which is what incremental extraction relies on.
+    ``runtime`` is the inference runtime when it is not torch (absent for torch, so entries
+    made before runtimes existed keep their keys)."""
+    payload = {
         "format_version": FORMAT_VERSION,
         "backbone": backbone,
         "preprocess": preprocess,
@@ -79,6 +82,9 @@ def config_payload(
         "decoder": decoder_version,
         "libraries": library_versions(),
     }
+    if runtime is not None:
+        payload["runtime"] = runtime
+    return payload
 
 
 def config_key(**config: Any) -> str:
