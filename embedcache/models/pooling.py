@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from embedcache.errors import ConfigError
@@ -14,6 +15,37 @@ if TYPE_CHECKING:
     import torch
 
 POOLS = ("avg", "max", "avgmax", "cls")
+
+#: Layer presets: name -> what it means (shown by ``embedcache backbones NAME --nodes``).
+PRESETS = {
+    "stages": "CNNs: the output of each stage (layer1..layer4 of a ResNet; the last block of each "
+              "run of equal output shape in `features` of EfficientNet/MobileNet-style models)",
+    "last4": "ViTs: the last 4 encoder blocks (torchvision `encoder.layers`, timm `blocks`), pooled cls and avg",
+}
+#: Pools of ``last4`` when ``--pool`` is not given.
+VIT_POOLS = ("cls", "avg")
+
+
+def set_name(layer: str, pool: str) -> str:
+    """The name of one feature set: ``<node>:<pool>``."""
+    return f"{layer}:{pool}"
+
+
+def split_list(value: str | Sequence[str] | None) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (blanks dropped)."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def check_pools(pools: Sequence[str]) -> list[str]:
+    """Each pool known, no repeats."""
+    for pool in pools:
+        if pool not in POOLS:
+            raise ConfigError(f"The 'pool' parameter must be one or more of {list(POOLS)}, comma-separated. "
+                              f"Got {pool!r}.")
+    return list(dict.fromkeys(pools))
 
 
 def pool_features(out: torch.Tensor, pool: str) -> torch.Tensor:
