@@ -10,6 +10,7 @@ from embedcache.cli.common import (
     batch_size_option,
     cache_dir_option,
     device_option,
+    features_option,
     handle_errors,
     parse_ints,
     progress_bar,
@@ -81,6 +82,7 @@ def bench_command(data: str, backbones: str, heads: str, out: Path | None, **opt
               help="Fixed penalty for every k (never chosen by looking at test).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write fewshot.json, fewshot.md and fewshot.png here.")
+@features_option
 @cache_dir_option
 @handle_errors
 def fewshot_command(entry: str, shots: str, **options: object) -> None:

@@ -62,6 +62,11 @@ probe_head_option = click.option(
                    "sweep; 1000 for a fixed --penalty].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write probe.safetensors, probe.json, report.json (and confusion.png) here.")
+@click.option("--features", default=None,
+              help="Feature set to train on: 'penultimate' (the default), a set stored by `extract --layers` "
+                   "(NODE:POOL, e.g. features.3:avg; `embedcache info ENTRY` lists them), several joined by '+' "
+                   "(concatenated at fit time, never stored), or 'all': sweep every (set, penalty) on val, "
+                   "refit the winner on train+val, score test once.")
 @json_option
 @cache_dir_option
 @handle_errors
@@ -96,6 +101,8 @@ def probe_command(entry: str, penalty: float | None, sweep: bool, penalties: str
 
         click.echo(probe_report(result))  # k-NN, ridge, numeric targets, label sets
         return
+    if result.feature_sweep is not None:
+        click.echo(_feature_sweep_table(result) + "\n")
     click.echo(_probe_report(result))
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
@@ -103,7 +110,7 @@ def probe_command(entry: str, penalty: float | None, sweep: bool, penalties: str
 
 def _probe_report(result: ProbeResult) -> str:
     lines = []
-    if result.sweep is not None:
+    if result.sweep is not None and result.feature_sweep is None:
         sweep = result.sweep
         rows = [[f"{p:.3g}", f"{a:.4f}", str(i), f"{t:.2f}", "<- chosen" if p == result.penalty else ""]
                 for p, a, i, t in zip(sweep.penalties, sweep.val_accuracy, sweep.iterations, sweep.seconds, strict=True)]
@@ -112,6 +119,7 @@ def _probe_report(result: ProbeResult) -> str:
     top_k = next((k for k in m if k.startswith("top") and k != "top1"), None)
     lines += [
         f"cache      {result.store_path}",
+        f"features   {result.features}",
         f"head       {result.head}, penalty {result.penalty:.3g} "
         f"({'swept' if result.swept else 'fixed'}; val: {result.val_source})",
         f"rows       train {sizes['train']}, val {sizes['val']}, test {sizes['test']} (refit on train+val)",
@@ -122,6 +130,18 @@ def _probe_report(result: ProbeResult) -> str:
     if result.artifact_dir:
         lines.append(f"saved      {result.artifact_dir}")
     return "\n".join(lines)
+
+
+def _feature_sweep_table(result: ProbeResult) -> str:
+    """The (feature set, penalty) val table of ``--features all``: each set's best penalty."""
+    best: dict[str, dict] = {}
+    for row in result.feature_sweep:
+        if row["features"] not in best or row["val_top1"] > best[row["features"]]["val_top1"]:
+            best[row["features"]] = row
+    rows = [[name, str(row["dim"]), f"{row['penalty']:.3g}", f"{row['val_top1']:.4f}",
+             "<- chosen" if name == result.features else ""] for name, row in best.items()]
+    return table(rows, ["feature set", "dim", "best penalty", "val top-1", ""]) + (
+        f"\n({len(result.feature_sweep)} fits on val; --json has every (set, penalty))")
 
 
 @click.command("predict")

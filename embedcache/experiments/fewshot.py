@@ -99,7 +99,8 @@ def _fit_seeds(features: np.ndarray, labels: np.ndarray, row_sets: list[np.ndarr
 
 def fewshot(entry: str | os.PathLike | FeatureStore, *, shots: Sequence[int] = DEFAULT_SHOTS, seeds: int = 10,
             head: str = "torch", penalty: float = FEWSHOT_PENALTY, cache_dir: str | os.PathLike | None = None,
-            out: str | os.PathLike | None = None, fit_log: list | None = None) -> FewshotResult:
+            out: str | os.PathLike | None = None, fit_log: list | None = None,
+            features: str | None = None) -> FewshotResult:
     """k-shot x seed grid on a cache entry's train split, scored on its full test split.
 
     Args:
@@ -111,13 +112,14 @@ def fewshot(entry: str | os.PathLike | FeatureStore, *, shots: Sequence[int] = D
         cache_dir: where to resolve a key prefix.
         out: directory for fewshot.json, fewshot.md and fewshot.png (matplotlib).
         fit_log: if given, receives the row positions of every fit (for leakage checks).
+        features: the entry's feature set (a name, or names joined by ``+``); default ``penultimate``.
     """
     started = time.perf_counter()
     shots = _check_grid(shots, seeds)
     check_head(head, allowed=LINEAR_HEADS)
     penalty = check_penalty("fewshot", penalty, strictly_positive=head == "sklearn")
     store = open_store(entry, cache_dir)
-    features = check_features(store.features, name="cached features")  # validated once, here
+    features = check_features(store.select_features(features), name="cached features")  # validated once, here
     labels = store.labels
     train = np.flatnonzero((store.splits == Split.TRAIN) & (labels >= 0))
     test = np.flatnonzero((store.splits == Split.TEST) & (labels >= 0))

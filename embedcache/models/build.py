@@ -16,7 +16,7 @@ from embedcache.errors import ConfigError
 from embedcache.models.backbone import Backbone, BackboneParts
 from embedcache.models.catalog import resolve
 from embedcache.models.feature_sets import check_default_matches, multi_set_module, resolve_sets, set_dims
-from embedcache.models.pooling import POOLS, check_pools, set_name, split_list
+from embedcache.models.pooling import POOLS, PRESETS, check_pools, set_name, split_list
 from embedcache.models.truncate import (
     final_linear_name,
     freeze,
@@ -33,6 +33,21 @@ def graph_nodes(name: str) -> list[str]:
     """Node names usable as ``layer=`` for a backbone (random init: structure only)."""
     parts = resolve(name).factory(weights="none", weights_path=None)
     return graph_node_names(parts.model, leaf_modules=parts.leaf_modules)
+
+
+def preset_nodes(name: str) -> dict[str, str]:
+    """``{preset: the nodes it stands for on this backbone, or why it does not apply}``."""
+    parts = resolve(name).factory(weights="none", weights_path=None)
+    freeze(parts.model)
+    meanings = {}
+    for preset in PRESETS:
+        try:
+            pairs = resolve_sets(parts.model, layers=[preset], pools=[], size=parts.preprocess.crop_size,
+                                 leaf_modules=parts.leaf_modules)
+            meanings[preset] = ", ".join(set_name(node, pool) for node, pool in pairs)
+        except ConfigError as exc:
+            meanings[preset] = f"not available ({exc})"
+    return meanings
 
 
 def get_backbone(

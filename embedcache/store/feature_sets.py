@@ -27,6 +27,8 @@ FEATURE_SETS_ATTR = "feature_sets"
 #: Group of the extra sets' datasets, and of their per-block checksums.
 SETS_GROUP = "feature_sets"
 SET_CRCS_GROUP = "checksums/feature_sets"
+#: In-memory attribute (never written) naming the set a probe was trained on (its k-NN references).
+SELECTED_SET = "selected_feature_set"
 #: Joins set names into one concatenation (``layer3:avg+layer4:avg``).
 CONCAT = "+"
 
