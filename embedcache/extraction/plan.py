@@ -20,7 +20,7 @@ from typing import Any
 from embedcache.errors import CacheError, ConfigError
 from embedcache.models.backbone import Backbone, BackboneSpec
 from embedcache.models.catalog import backbone_identity
-from embedcache.models.pooling import split_list
+from embedcache.models.pooling import parse_layers, split_list
 from embedcache.runtime import resolve_device_type, resolve_precision
 from embedcache.sources.base import ImageSource
 from embedcache.sources.decode import DECODER_VERSION
@@ -172,7 +172,7 @@ def plan_extraction(
         request, built, spec = None, backbone, backbone.identity()
     else:
         request = BackboneRequest(backbone, weights, None if weights_path is None else str(weights_path),
-                                  layer, pool, image_size, tuple(split_list(layers)), tuple(split_list(pools)))
+                                  layer, pool, image_size, tuple(parse_layers(layers)), tuple(split_list(pools)))
         spec, built = _backbone_spec(request, cache_dir)
     dev = resolve_device_type(device)
     return _keyed_plan(source, spec, request, built, dev, resolve_precision(precision, dev), store_dtype, cache_dir)

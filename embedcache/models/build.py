@@ -16,7 +16,7 @@ from embedcache.errors import ConfigError
 from embedcache.models.backbone import Backbone, BackboneParts
 from embedcache.models.catalog import resolve
 from embedcache.models.feature_sets import check_default_matches, multi_set_module, resolve_sets, set_dims
-from embedcache.models.pooling import POOLS, PRESETS, check_pools, set_name, split_list
+from embedcache.models.pooling import POOLS, PRESETS, check_pools, parse_layers, set_name, split_list
 from embedcache.models.truncate import (
     final_linear_name,
     freeze,
@@ -78,7 +78,7 @@ def get_backbone(
     Returns:
         A :class:`Backbone` whose module is in eval mode with gradients disabled.
     """
-    layers, pools = split_list(layers), check_pools(split_list(pools))
+    layers, pools = parse_layers(layers), check_pools(split_list(pools))
     if layers and layer is not None:
         raise ConfigError("The 'layers' parameter cannot be combined with 'layer': --layers keeps the penultimate "
                           "features as the default set and adds the others. Pass the node in --layers instead.")
@@ -88,7 +88,7 @@ def get_backbone(
     if layer is None and pool != "avg":
         raise ConfigError(
             f"The 'pool' parameter ({pool!r}) only applies with 'layer'; the default features are "
-            f"already pooled by the model. Pass --layer NODE too, or drop --pool."
+            f"already pooled by the model. Pass --layer NODE (or --layers NODES) too, or drop --pool."
         )
     if pool not in POOLS:
         raise ConfigError(f"The 'pool' parameter must be one of {list(POOLS)}. Got {pool!r} instead.")

@@ -39,6 +39,15 @@ def split_list(value: str | Sequence[str] | None) -> list[str]:
     return [str(item).strip() for item in items if str(item).strip()]
 
 
+def parse_layers(value: str | Sequence[str] | None) -> list[str]:
+    """The ``layers`` argument as a list; given but naming nothing (``" , "``) is an error."""
+    layers = split_list(value)
+    if value is not None and not layers and (isinstance(value, str) or len(value)):
+        raise ConfigError(f"The 'layers' parameter names no node. Got {value!r}. Give node names or a preset "
+                          f"({', '.join(PRESETS)}), comma-separated.")
+    return layers
+
+
 def check_pools(pools: Sequence[str]) -> list[str]:
     """Each pool known, no repeats."""
     for pool in pools:
