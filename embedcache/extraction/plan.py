@@ -25,6 +25,7 @@ from embedcache.runtime import resolve_device_type, resolve_precision
 from embedcache.sources.base import ImageSource
 from embedcache.sources.decode import DECODER_VERSION
 from embedcache.sources.open import open_source
+from embedcache.store.feature_sets import FEATURE_SETS_ATTR, feature_set_attr
 from embedcache.store.fingerprint import (
     cache_key,
     config_key,
@@ -32,7 +33,6 @@ from embedcache.store.fingerprint import (
     sha256_json,
     software_versions,
 )
-from embedcache.store.feature_sets import FEATURE_SETS_ATTR, feature_set_attr
 from embedcache.store.memo import MEMO_NAME, JsonMemo
 from embedcache.store.schema import STORE_DTYPES, default_cache_dir, entry_paths
 

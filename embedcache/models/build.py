@@ -15,8 +15,20 @@ from torch import nn
 from embedcache.errors import ConfigError
 from embedcache.models.backbone import Backbone, BackboneParts
 from embedcache.models.catalog import resolve
-from embedcache.models.feature_sets import check_default_matches, multi_set_module, resolve_sets, set_dims
-from embedcache.models.pooling import POOLS, PRESETS, check_pools, parse_layers, set_name, split_list
+from embedcache.models.feature_sets import (
+    check_default_matches,
+    multi_set_module,
+    resolve_sets,
+    set_dims,
+)
+from embedcache.models.pooling import (
+    POOLS,
+    PRESETS,
+    check_pools,
+    parse_layers,
+    set_name,
+    split_list,
+)
 from embedcache.models.truncate import (
     final_linear_name,
     freeze,
