@@ -50,8 +50,8 @@ probe_head_option = click.option(
               help="Sweep grid, comma-separated (default: 11 values 1e-6..1e-1; ridge: 50 values 1e-5..1e3).")
 @click.option("--k", "k", type=int, default=None, help="k-NN: use this k and skip choosing it on val.")
 @click.option("--ks", default=None, help="k-NN: the k grid chosen from on val, comma-separated (default 10,20,100,200).")
-@click.option("--temperature", type=float, default=0.07, show_default=True,
-              help="k-NN: votes weigh softmax(cosine similarity / temperature).")
+@click.option("--temperature", type=float, default=None,
+              help="k-NN: votes weigh softmax(cosine similarity / temperature) [default: 0.07].")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Hold-out of train used for selection when the cache has no val split.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of that hold-out.")
@@ -90,6 +90,12 @@ def probe_command(entry: str, penalty: float | None, sweep: bool, penalties: str
 
     if penalty is None and options.get("k") is None and not sweep:
         raise click.UsageError("--no-sweep needs --penalty VALUE (k-NN: --k VALUE).")
+    if options["temperature"] is None:
+        del options["temperature"]  # the head's default
+    if options.get("features") == "all":  # choose the feature set on val too: one more API call
+        from embedcache.experiments.feature_sweep import probe_all_sets as probe  # noqa: F811
+
+        del options["features"]
     result = probe(entry, penalty=penalty, penalties=parse_floats(penalties, "--penalties"),
                    ks=parse_ints(ks, "--ks") if ks else None, standardize=not no_standardize,
                    progress=lambda msg: click.echo(msg, err=True), **options)

@@ -7,6 +7,7 @@ set, then the stronger penalty); only the winner, refit on train+val, is scored 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,14 @@ import numpy as np
 
 from embedcache.errors import ConfigError
 from embedcache.experiments.artifacts import save_probe
-from embedcache.experiments.protocol import ProbeResult, artifact_view, fit_notes, split_for_probe
+from embedcache.experiments.protocol import (
+    DEFAULT_VAL_FRACTION,
+    ProbeResult,
+    artifact_view,
+    fit_notes,
+    open_store,
+    split_for_probe,
+)
 from embedcache.heads.metrics import classification_report
 from embedcache.heads.registry import LINEAR_HEADS, resolve_head
 from embedcache.heads.sweep import DEFAULT_PENALTIES, sweep_and_refit
@@ -33,22 +41,25 @@ def _check_request(store: FeatureStore, head: str, options: dict[str, Any]) -> N
         raise ConfigError(f"--features all chooses the penalty on val itself; drop {', '.join('--' + g for g in given)}.")
 
 
-def probe_all_sets(store: FeatureStore, *, head: str | None, penalties: Any, val_fraction: float, seed: int,
-                   standardize: bool, device: str, max_iter: int | None, out: str | None,
-                   progress: Callable[[str], None] | None, penalty: float | None = None, k: int | None = None,
-                   ks: Any = None) -> ProbeResult:
+def probe_all_sets(entry: str | os.PathLike | FeatureStore, *, head: str | None = None, penalties: Any = None,
+                   val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0, standardize: bool = True,
+                   device: str = "cpu", max_iter: int | None = None, out: str | os.PathLike | None = None,
+                   cache_dir: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None,
+                   penalty: float | None = None, k: int | None = None, ks: Any = None,
+                   temperature: float | None = None) -> ProbeResult:
     """Sweep (feature set, penalty) on val, refit the winner on train+val, score test once.
 
-    Arguments as for :func:`~embedcache.experiments.protocol.probe` (``penalty``, ``k`` and
-    ``ks`` must be None: the penalty is swept).
+    Arguments as for :func:`~embedcache.experiments.protocol.probe` (``penalty``, ``k``, ``ks``
+    and ``temperature`` must be None: the penalty is swept, heads are linear).
 
     Returns:
         The winner's :class:`ProbeResult`, ``feature_sweep`` holding the whole validation table
         (one row per set and penalty) and ``features`` the chosen set.
     """
     started = time.perf_counter()
+    store = open_store(entry, cache_dir)
     head = resolve_head(head, store.task)
-    _check_request(store, head, {"penalty": penalty, "k": k, "ks": ks})
+    _check_request(store, head, {"penalty": penalty, "k": k, "ks": ks, "temperature": temperature})
     labels = store.labels
     parts = split_for_probe(labels, store.splits, store.paths, val_fraction=val_fraction, seed=seed)
     check_labels(labels[parts.train], len(parts.train))

@@ -199,17 +199,14 @@ def probe(entry: str | os.PathLike | FeatureStore, *, head: str | None = None, p
         k: k-NN: use this k and skip its choice; ks: the k grid (default 10, 20, 100, 200).
         temperature: k-NN vote temperature (votes ``softmax(similarity / temperature)``).
         features: which feature set of the entry (``extract --layers``): a name such as
-            ``features.3:avg``, several joined by ``+`` (concatenated now), ``all`` (choose the set
-            on val too, see :func:`~embedcache.experiments.feature_sweep.probe_all_sets`), or
-            None / ``penultimate`` for the default features.
+            ``features.3:avg``, several joined by ``+`` (concatenated now), or None /
+            ``penultimate`` for the default features. To choose the set on val too, see
+            :func:`~embedcache.experiments.feature_sweep.probe_all_sets`.
     """
-    store = open_store(entry, cache_dir)
     if features == ALL_SETS:
-        from embedcache.experiments.feature_sweep import probe_all_sets
-
-        return probe_all_sets(store, head=head, penalties=penalties, val_fraction=val_fraction, seed=seed,
-                              standardize=standardize, device=device, max_iter=max_iter, out=out,
-                              progress=progress, penalty=penalty, k=k, ks=ks)
+        raise ConfigError("features='all' chooses the feature set on val too: call embedcache.probe_all_sets(entry, "
+                          "...) (the CLI's `probe ENTRY --features all`), or name one set.")
+    store = open_store(entry, cache_dir)
     chosen_features = store.select_features(features)
     if out is not None:
         store = artifact_view(store, features)  # before fitting: a concatenation cannot be saved

@@ -243,14 +243,16 @@ def test_probe_all_chooses_on_val_and_scores_test_once(entry, monkeypatch):
     scored = []
     real = sweep_mod.classification_report
     monkeypatch.setattr(sweep_mod, "classification_report", lambda *a, **k: scored.append(1) or real(*a, **k))
-    result = probe(entry, features="all", penalties=[1e-3, 1e-1])
+    result = sweep_mod.probe_all_sets(entry, penalties=[1e-3, 1e-1])
     assert scored == [1]
     assert {row["features"] for row in result.feature_sweep} == {"penultimate", *SETS}
     assert len(result.feature_sweep) == 10 and result.features in {"penultimate", *SETS}
     best = max(r["val_top1"] for r in result.feature_sweep)
     assert max(r["val_top1"] for r in result.feature_sweep if r["features"] == result.features) == best
     with pytest.raises(ConfigError, match="--features all chooses the penalty on val itself; drop --penalty"):
-        probe(entry, features="all", penalty=0.1)
+        sweep_mod.probe_all_sets(entry, penalty=0.1)
+    with pytest.raises(ConfigError, match=r"features='all' .* call embedcache.probe_all_sets"):
+        probe(entry, features="all")
 
 
 def test_cli_layers_features_and_errors(folder, tmp_path):
@@ -271,6 +273,8 @@ def test_cli_layers_features_and_errors(folder, tmp_path):
     assert "does not hold: 'layer3:avg'. Available: penultimate, features.1:avg" in bad.output
     swept = runner.invoke(main, ["probe", path, "--features", "all", "--penalties", "0.001,0.1"])
     assert swept.exit_code == 0 and "feature set" in swept.output and "<- chosen" in swept.output
+    knn = runner.invoke(main, ["probe", path, "--features", "all", "--head", "knn"])
+    assert knn.exit_code != 0 and "--features all sweeps the linear heads" in knn.output
     few = runner.invoke(main, ["fewshot", path, "--features", "features.4:avg", "--shots", "1", "--seeds", "2"])
     assert few.exit_code == 0, few.output
     pools = runner.invoke(main, ["extract", str(folder), "-b", TINY, "--cache-dir", cache, "--pool", "avg,max"])
