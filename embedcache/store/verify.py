@@ -140,6 +140,7 @@ def _verify_sets(handle: h5py.File, report: VerifyReport, attrs: dict, done: np.
             report.problems.append(f"feature set /{dataset} or its checksums are missing or not ({n}, {width})")
             continue
         finite, crcs = scan_features(handle[dataset], report.path, done)
+        report.blocks += len(crcs)
         recorded = read_numbers(handle[checksums], report.path)
         bad = np.flatnonzero(recorded != crcs) if recorded.shape == crcs.shape else np.arange(len(crcs))
         for block in bad[:10].tolist():
