@@ -1,6 +1,6 @@
 """Extraction throughput, measured side by side in one run on the same images.
 
-    python benchmarks/extract_throughput.py [--n 2048] [--backbone efficientnet_lite0]
+    python benchmarks/extract_throughput.py [--n 2048] [--backbone efficientnet_lite0] [--weights TAG]
                                             [--image-size 224] [--repeats 3] [--runtimes torch,openvino]
 
 Prints images/s for
@@ -106,7 +106,7 @@ def time_ours(root: Path, args, workers: int, runtime: str, exports: Path | None
         if exports is not None:  # the export is made once per backbone configuration: not timed here
             shutil.copytree(exports, Path(cache) / "exports")
         started = time.perf_counter()
-        store = embedcache.extract(root, backbone=args.backbone, image_size=args.image_size,
+        store = embedcache.extract(root, backbone=args.backbone, weights=args.weights, image_size=args.image_size,
                                    batch_size=args.batch_size, workers=workers, cache_dir=cache, runtime=runtime)
         seconds = time.perf_counter() - started
     if store.cache_hit:
@@ -141,6 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--weights", default=None, help="weights tag (e.g. none: seeded random init, offline)")
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None)
@@ -155,7 +156,7 @@ def main() -> None:
     device = resolve_device(args.device)
     precision = resolve_precision("auto", device)
     workers = default_workers() if args.workers is None else args.workers
-    bb = get_backbone(args.backbone, image_size=args.image_size)
+    bb = get_backbone(args.backbone, weights=args.weights, image_size=args.image_size)
     runtimes = ([r.strip() for r in args.runtimes.split(",") if r.strip()] if args.runtimes
                 else ["torch"] + (["openvino"] if openvino_installed() and device.type == "cpu" else []))
     results: dict[str, list[float]] = {"ceiling": [], "tutorial": []}

@@ -58,6 +58,7 @@ _API = {
     "RidgeRegressor": "embedcache.heads.ridge_probe",
     "SigmoidProbe": "embedcache.heads.multilabel",
     "probe": "embedcache.experiments.protocol",
+    "probe_all_sets": "embedcache.experiments.feature_sweep",
     "ProbeResult": "embedcache.experiments.protocol",
     "load_probe": "embedcache.experiments.artifacts",
     "LoadedProbe": "embedcache.experiments.artifacts",

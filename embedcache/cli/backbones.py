@@ -12,7 +12,9 @@ from embedcache.cli.common import handle_errors, json_option, table
 
 @click.command("backbones")
 @click.argument("name", required=False)
-@click.option("--nodes", is_flag=True, help="With NAME: list graph nodes usable as --layer.")
+@click.option("--nodes", is_flag=True,
+              help="With NAME: list the graph nodes usable as `extract --layer` / `--layers`, and what the "
+                   "presets 'stages' and 'last4' stand for on this model.")
 @json_option
 @handle_errors
 def backbones_command(name: str | None, nodes: bool, as_json: bool) -> None:
@@ -23,12 +25,14 @@ def backbones_command(name: str | None, nodes: bool, as_json: bool) -> None:
     offline = the default weights are on this machine (no download needed).
     dim "?" = not computable without building the model; `embedcache backbones NAME` shows it.
     """
-    from embedcache.models.build import get_backbone, graph_nodes
+    from embedcache.models.build import get_backbone, graph_nodes, preset_nodes
     from embedcache.models.catalog import list_backbones
 
     if name and nodes:
         for node in graph_nodes(name):
             click.echo(node)
+        for preset, meaning in preset_nodes(name).items():
+            click.echo(f"\npreset {preset}: {meaning}", err=True)
         return
     if name:
         bb = get_backbone(name, weights="none")

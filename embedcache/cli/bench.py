@@ -10,6 +10,7 @@ from embedcache.cli.common import (
     batch_size_option,
     cache_dir_option,
     device_option,
+    features_option,
     handle_errors,
     parse_ints,
     progress_bar,
@@ -86,6 +87,7 @@ def bench_command(data: str, backbones: str, heads: str, out: Path | None, **opt
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write fewshot.json, fewshot.md and fewshot.png here.")
 @threads_option
+@features_option
 @cache_dir_option
 @handle_errors
 def fewshot_command(entry: str, shots: str, **options: object) -> None:

@@ -80,6 +80,8 @@ def info_command(entry: str, cache_dir: Path, as_json: bool, max_errors_shown: i
     click.echo(f"cache key  {a['cache_key']}")
     click.echo(f"complete   {a['complete']}   rows {len(store)}/{a['n']}   dim {a['dim']}   dtype {a['store_dtype']}")
     click.echo(f"backbone   {json.dumps(a['backbone'])}")
+    sets = [f"penultimate ({a['dim']})"] + [f"{name} ({values.shape[1]})" for name, values in store.feature_sets.items()]
+    click.echo(f"features   {len(sets)} set{'s' if len(sets) > 1 else ''}: {', '.join(sets)}")
     click.echo(f"preprocess {json.dumps(a['preprocess'])}")
     click.echo(f"precision  {a['precision']}   versions {json.dumps(a['versions'])}")
     click.echo(f"source     {a['source'].get('description', '')}")

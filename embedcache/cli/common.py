@@ -161,3 +161,11 @@ def warn_if_pickle(probe_dir: Path) -> None:
     if joblib_file.exists():
         click.echo(f"warning: {joblib_file} is a joblib file, which is pickle: loading it runs code. Load only "
                    f"probes you trust (when probe.json lists its sha256, that is checked first).", err=True)
+
+
+#: ``--features``: which stored feature set a head trains on (probe, fewshot).
+features_option = click.option(
+    "--features", default=None,
+    help="Feature set to train on: 'penultimate' (the default), a set stored by `extract --layers` "
+         "(NODE:POOL, e.g. features.3:avg; `embedcache info ENTRY` lists them), or several joined by '+' "
+         "(concatenated at fit time, never stored).")

@@ -36,7 +36,15 @@ if TYPE_CHECKING:
 @click.option("--weights", "weights_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Local state dict (.safetensors, or .pt/.pth loaded with weights_only=True).")
 @click.option("--layer", default=None, help="Intermediate graph node to read instead of the penultimate features.")
-@click.option("--pool", type=click.Choice(POOLS), default="avg", show_default=True, help="Pooling of --layer's output.")
+@click.option("--layers", default=None,
+              help="Also store these nodes, pooled, in the same entry, from the same forward pass: node names "
+                   "(`embedcache backbones NAME --nodes`) or a preset, comma-separated: 'stages' (CNNs: each "
+                   "stage's output), 'last4' (ViTs: the last 4 blocks). Each node x pool is one feature set "
+                   "NODE:POOL, read with `probe ENTRY --features NODE:POOL`; the penultimate features stay the "
+                   "default set.")
+@click.option("--pool", default=None,
+              help=f"Pooling of --layer's output, one of {', '.join(POOLS)} [default: avg]; with --layers, "
+                   f"one or more, comma-separated (e.g. avg,max) [default: avg; last4: cls,avg].")
 @click.option("--image-size", type=int, default=None,
               help="Model input size in pixels, 8-2048 (default: the backbone's).")
 @batch_size_option
@@ -97,6 +105,11 @@ def extract_command(data: str, no_incremental: bool, as_json: bool, target: str 
     """
     from embedcache.extraction.extract import extract
 
+    pool = options.pop("pool")
+    if options.get("layers"):
+        options["pools"] = pool
+    else:
+        options["pool"] = pool or "avg"
     names = ([target] if target else []) + [t.strip() for t in (targets or "").split(",") if t.strip()]
     update, close = progress_bar()
     try:
@@ -113,8 +126,12 @@ def extract_command(data: str, no_incremental: bool, as_json: bool, target: str 
     if store.cache_hit:
         click.echo(f"cache hit: {store.path} ({len(store)} rows x {store.attrs['dim']}, "
                    f"{stats.failed} failed) in {stats.seconds:.2f} s; no model ran.")
+    else:
+        click.echo(_summary(stats, Path(store.path)))
+    if store.feature_sets:
+        click.echo(f"feature sets: {', '.join(f'{name} ({values.shape[1]})' for name, values in [('penultimate', store.features), *store.feature_sets.items()])}")
+    if store.cache_hit:
         return
-    click.echo(_summary(stats, Path(store.path)))
     if stats.failed:
         click.echo(f"failures are listed by: embedcache info {store.path}", err=True)
 

@@ -51,8 +51,8 @@ probe_head_option = click.option(
               help="Sweep grid, comma-separated (default: 11 values 1e-6..1e-1; ridge: 50 values 1e-5..1e3).")
 @click.option("--k", "k", type=int, default=None, help="k-NN: use this k and skip choosing it on val.")
 @click.option("--ks", default=None, help="k-NN: the k grid chosen from on val, comma-separated (default 10,20,100,200).")
-@click.option("--temperature", type=float, default=0.07, show_default=True,
-              help="k-NN: votes weigh softmax(cosine similarity / temperature).")
+@click.option("--temperature", type=float, default=None,
+              help="k-NN: votes weigh softmax(cosine similarity / temperature) [default: 0.07].")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Hold-out of train used for selection when the cache has no val split.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of that hold-out.")
@@ -64,6 +64,11 @@ probe_head_option = click.option(
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write probe.safetensors, probe.json, report.json (and confusion.png) here.")
 @threads_option
+@click.option("--features", default=None,
+              help="Feature set to train on: 'penultimate' (the default), a set stored by `extract --layers` "
+                   "(NODE:POOL, e.g. features.3:avg; `embedcache info ENTRY` lists them), several joined by '+' "
+                   "(concatenated at fit time, never stored), or 'all': sweep every (set, penalty) on val, "
+                   "refit the winner on train+val, score test once.")
 @json_option
 @cache_dir_option
 @handle_errors
@@ -87,6 +92,12 @@ def probe_command(entry: str, penalty: float | None, sweep: bool, penalties: str
 
     if penalty is None and options.get("k") is None and not sweep:
         raise click.UsageError("--no-sweep needs --penalty VALUE (k-NN: --k VALUE).")
+    if options["temperature"] is None:
+        del options["temperature"]  # the head's default
+    if options.get("features") == "all":  # choose the feature set on val too: one more API call
+        from embedcache.experiments.feature_sweep import probe_all_sets as probe  # noqa: F811
+
+        del options["features"]
     result = probe(entry, penalty=penalty, penalties=parse_floats(penalties, "--penalties"),
                    ks=parse_ints(ks, "--ks") if ks else None, standardize=not no_standardize,
                    progress=lambda msg: click.echo(msg, err=True), **options)
@@ -98,6 +109,8 @@ def probe_command(entry: str, penalty: float | None, sweep: bool, penalties: str
 
         click.echo(probe_report(result))  # k-NN, ridge, numeric targets, label sets
         return
+    if result.feature_sweep is not None:
+        click.echo(_feature_sweep_table(result) + "\n")
     click.echo(_probe_report(result))
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
@@ -105,7 +118,7 @@ def probe_command(entry: str, penalty: float | None, sweep: bool, penalties: str
 
 def _probe_report(result: ProbeResult) -> str:
     lines = []
-    if result.sweep is not None:
+    if result.sweep is not None and result.feature_sweep is None:
         sweep = result.sweep
         rows = [[f"{p:.3g}", f"{a:.4f}", str(i), f"{t:.2f}", "<- chosen" if p == result.penalty else ""]
                 for p, a, i, t in zip(sweep.penalties, sweep.val_accuracy, sweep.iterations, sweep.seconds, strict=True)]
@@ -114,6 +127,7 @@ def _probe_report(result: ProbeResult) -> str:
     top_k = next((k for k in m if k.startswith("top") and k != "top1"), None)
     lines += [
         f"cache      {result.store_path}",
+        f"features   {result.features}",
         f"head       {result.head}, penalty {result.penalty:.3g} "
         f"({'swept' if result.swept else 'fixed'}; val: {result.val_source})",
         f"rows       train {sizes['train']}, val {sizes['val']}, test {sizes['test']} (refit on train+val)",
@@ -124,6 +138,18 @@ def _probe_report(result: ProbeResult) -> str:
     if result.artifact_dir:
         lines.append(f"saved      {result.artifact_dir}")
     return "\n".join(lines)
+
+
+def _feature_sweep_table(result: ProbeResult) -> str:
+    """The (feature set, penalty) val table of ``--features all``: each set's best penalty."""
+    best: dict[str, dict] = {}
+    for row in result.feature_sweep:
+        if row["features"] not in best or row["val_top1"] > best[row["features"]]["val_top1"]:
+            best[row["features"]] = row
+    rows = [[name, str(row["dim"]), f"{row['penalty']:.3g}", f"{row['val_top1']:.4f}",
+             "<- chosen" if name == result.features else ""] for name, row in best.items()]
+    return table(rows, ["feature set", "dim", "best penalty", "val top-1", ""]) + (
+        f"\n({len(result.feature_sweep)} fits on val; --json has every (set, penalty))")
 
 
 @click.command("predict")

@@ -44,6 +44,7 @@ from embedcache.heads.sklearn_probe import SklearnProbe
 from embedcache.heads.torch_probe import TorchLinearProbe
 from embedcache.models.build import get_backbone
 from embedcache.models.preprocess import PreprocessSpec
+from embedcache.store.feature_sets import DEFAULT_SET, SELECTED_SET
 from embedcache.store.fingerprint import software_versions
 
 _COMPARED = ("name", "weights", "weights_sha256", "layer", "pool")
@@ -70,6 +71,7 @@ def save_probe(result: Any, store: Any, out: Path) -> Path:
         "cache_key": store.cache_key,
         "cache_path": str(Path(store.path).resolve()),
         "backbone": store.backbone,
+        "feature_set": store.attrs.get(SELECTED_SET, DEFAULT_SET),
         "preprocess": store.attrs.get("preprocess"),
         "precision": store.attrs.get("precision"),
         "runtime": store.attrs.get("runtime", "torch"),

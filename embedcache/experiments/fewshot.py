@@ -103,7 +103,7 @@ def _fit_seeds(features: np.ndarray, labels: np.ndarray, row_sets: list[np.ndarr
 def fewshot(entry: str | os.PathLike | FeatureStore, *, shots: Sequence[int] = DEFAULT_SHOTS, seeds: int = 10,
             head: str = "torch", penalty: float = FEWSHOT_PENALTY, cache_dir: str | os.PathLike | None = None,
             out: str | os.PathLike | None = None, fit_log: list | None = None,
-            threads: int | None = None) -> FewshotResult:
+            threads: int | None = None, features: str | None = None) -> FewshotResult:
     """k-shot x seed grid on a cache entry's train split, scored on its full test split.
 
     Args:
@@ -117,12 +117,13 @@ def fewshot(entry: str | os.PathLike | FeatureStore, *, shots: Sequence[int] = D
         fit_log: if given, receives the row positions of every fit (for leakage checks).
         threads: torch's intra-op threads (default ``$EMBEDCACHE_THREADS``, else the cores
             available; see :func:`~embedcache.runtime.resolve_threads`); recorded in fewshot.json.
+        features: the entry's feature set (a name, or names joined by ``+``); default ``penultimate``.
     """
     started = time.perf_counter()
     shots = _check_grid(shots, seeds)
     with run_threads(threads) as count:
         result = _grid(entry, shots=shots, seeds=seeds, head=head, penalty=penalty, cache_dir=cache_dir,
-                       fit_log=fit_log)
+                       fit_log=fit_log, features=features)
     result.threads = count
     result.seconds = time.perf_counter() - started
     if out is not None:
@@ -131,12 +132,12 @@ def fewshot(entry: str | os.PathLike | FeatureStore, *, shots: Sequence[int] = D
 
 
 def _grid(entry: str | os.PathLike | FeatureStore, *, shots: list[int], seeds: int, head: str, penalty: float,
-          cache_dir: str | os.PathLike | None, fit_log: list | None) -> FewshotResult:
+          cache_dir: str | os.PathLike | None, fit_log: list | None, features: str | None) -> FewshotResult:
     """The k x seed fits and their test accuracies (``seconds`` is set by the caller)."""
     check_head(head, allowed=LINEAR_HEADS)
     penalty = check_penalty("fewshot", penalty, strictly_positive=head == "sklearn")
     store = open_store(entry, cache_dir)
-    features = check_features(store.features, name="cached features")  # validated once, here
+    features = check_features(store.select_features(features), name="cached features")  # validated once, here
     labels = store.labels
     train = np.flatnonzero((store.splits == Split.TRAIN) & (labels >= 0))
     test = np.flatnonzero((store.splits == Split.TEST) & (labels >= 0))

@@ -39,6 +39,7 @@ from embedcache.heads.knn import KNNProbe
 from embedcache.heads.multilabel import SigmoidProbe
 from embedcache.heads.ridge_probe import RidgeClassifierProbe, RidgeRegressor
 from embedcache.heads.sklearn_probe import SklearnProbe
+from embedcache.store.feature_sets import DEFAULT_SET, SELECTED_SET
 from embedcache.store.fingerprint import software_versions
 from embedcache.store.reader import FeatureStore
 from embedcache.store.schema import default_cache_dir, entry_paths
@@ -66,8 +67,8 @@ def _metadata(result: Any, store: Any) -> dict[str, Any]:
         "penalty": result.penalty, "chosen": result.chosen, "n_features": int(est.n_features_in_),
         "class_names": list(store.class_names), "target_names": list(result.target_names),
         "cache_key": store.cache_key, "cache_path": str(Path(store.path).resolve()), "backbone": store.backbone,
-        "preprocess": store.attrs.get("preprocess"), "precision": store.attrs.get("precision"),
-        "runtime": store.attrs.get("runtime", "torch"),
+        "feature_set": store.attrs.get(SELECTED_SET, DEFAULT_SET), "preprocess": store.attrs.get("preprocess"),
+        "precision": store.attrs.get("precision"), "runtime": store.attrs.get("runtime", "torch"),
         "metrics": {k: v for k, v in result.metrics.items() if k != "confusion_matrix"},
         "val_fraction": result.val_fraction, "seed": result.seed, "versions": software_versions(),
     }
@@ -83,7 +84,8 @@ def _tensors(result: Any, store: Any, meta: dict[str, Any]) -> dict[str, np.ndar
     if result.head == "knn":
         positions = np.asarray(result.reference_positions, np.int64)
         meta["references"] = {"cache_key": store.cache_key, "cache_path": str(Path(store.path).resolve()),
-                              "n": int(len(positions)), "rows": "probe.safetensors: reference_rows"}
+                              "n": int(len(positions)), "rows": "probe.safetensors: reference_rows",
+                              "feature_set": store.attrs.get(SELECTED_SET, DEFAULT_SET)}
         return {"reference_rows": np.asarray(store.rows, np.int64)[positions],
                 "reference_labels": np.asarray(store.labels, np.int64)[positions],
                 "classes": np.asarray(est.classes_, np.int64)}
@@ -144,7 +146,8 @@ def _knn(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> KNNProbe:
         raise CacheError(f"Cache entry {str(store.path)!r} does not hold this k-NN probe's reference rows "
                          f"and labels; restore the original entry or retrain the probe.")
     chosen = meta.get("chosen", {})
-    return KNNProbe.from_references(references=store.features[positions], labels=labels, classes=tensors["classes"],
+    references = store.select_features((meta.get("references") or {}).get("feature_set"))
+    return KNNProbe.from_references(references=references[positions], labels=labels, classes=tensors["classes"],
                                     k=int(chosen["k"]), temperature=float(chosen["temperature"]))
 
 

@@ -12,6 +12,7 @@ Train, val and test are checked disjoint; unlabelled rows are never used.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -34,11 +35,14 @@ from embedcache.heads.validation import check_features, check_labels
 from embedcache.runtime import check_torch_device, run_threads
 from embedcache.splits import Split, holdout_splits
 from embedcache.store.entries import resolve_entry
+from embedcache.store.feature_sets import CONCAT, DEFAULT_SET, SELECTED_SET
 from embedcache.store.reader import FeatureStore
 from embedcache.store.schema import default_cache_dir
 
 #: Fraction of train held out for validation when the cache has no val split.
 DEFAULT_VAL_FRACTION = 0.1
+#: ``features=`` value that chooses the feature set on validation too.
+ALL_SETS = "all"
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,10 @@ class ProbeResult:
     artifact_dir: str | None = None
     notes: list[str] = field(default_factory=list)
     task: str = "classes"
+    #: The feature set probed (``penultimate``, a set name, or a ``+`` concatenation).
+    features: str = "penultimate"
+    #: ``probe --features all``: the (feature set, penalty) validation table.
+    feature_sweep: list[dict[str, Any]] | None = None
     selection: Selection | None = None
     chosen: dict[str, Any] = field(default_factory=dict)
     target_names: list[str] = field(default_factory=list)
@@ -149,6 +157,8 @@ class ProbeResult:
             "total_seconds": self.total_seconds,
             "threads": self.threads,
             "cache": self.store_path,
+            "features": self.features,
+            **({"feature_sweep": self.feature_sweep} if self.feature_sweep is not None else {}),
             "converged": bool(getattr(self.estimator, "converged_", True)),
             "notes": self.notes,
         }
@@ -167,7 +177,7 @@ def probe(entry: str | os.PathLike | FeatureStore, *, head: str | None = None, p
           out: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
           progress: Callable[[str], None] | None = None, k: int | None = None,
           ks: tuple[int, ...] | list[int] | None = None, temperature: float = DEFAULT_TEMPERATURE,
-          threads: int | None = None) -> ProbeResult:
+          threads: int | None = None, features: str | None = None) -> ProbeResult:
     """Train a head on a cache entry: choose on val (penalty sweep, or k), refit, test once.
 
     What the entry's rows carry decides the task: one class each (heads ``torch``, ``sklearn``,
@@ -192,10 +202,20 @@ def probe(entry: str | os.PathLike | FeatureStore, *, head: str | None = None, p
         temperature: k-NN vote temperature (votes ``softmax(similarity / temperature)``).
         threads: torch's intra-op threads (default ``$EMBEDCACHE_THREADS``, else the cores
             available; see :func:`~embedcache.runtime.resolve_threads`); recorded in the report.
+        features: which feature set of the entry (``extract --layers``): a name such as
+            ``features.3:avg``, several joined by ``+`` (concatenated now), or None /
+            ``penultimate`` for the default features. To choose the set on val too, see
+            :func:`~embedcache.experiments.feature_sweep.probe_all_sets`.
     """
+    if features == ALL_SETS:
+        raise ConfigError("features='all' chooses the feature set on val too: call embedcache.probe_all_sets(entry, "
+                          "...) (the CLI's `probe ENTRY --features all`), or name one set.")
     store = open_store(entry, cache_dir)
+    chosen_features = store.select_features(features)
+    if out is not None:
+        store = artifact_view(store, features)  # before fitting: a concatenation cannot be saved
     with run_threads(threads) as count:
-        result = probe_arrays(store.features, store.labels, store.splits, store.paths, head=head,
+        result = probe_arrays(chosen_features, store.labels, store.splits, store.paths, head=head,
                               penalty=penalty, penalties=penalties, val_fraction=val_fraction, seed=seed,
                               standardize=standardize, device=device, max_iter=max_iter,
                               class_names=store.class_names, progress=progress, targets=store.targets,
@@ -203,9 +223,32 @@ def probe(entry: str | os.PathLike | FeatureStore, *, head: str | None = None, p
                               temperature=temperature)
     result.threads = count
     result.store_path = str(store.path)
+    result.features = features or DEFAULT_SET
     if out is not None:
         result.artifact_dir = str(save_probe(result, store, Path(out)))
     return result
+
+
+def artifact_view(store: FeatureStore, features: str | None) -> FeatureStore:
+    """``store`` as a saved probe must see it: the chosen feature set as its features and a
+    backbone spec that rebuilds exactly that set (``layer`` and ``pool`` of the node), so
+    ``predict`` computes the same features.
+
+    Raises:
+        ConfigError: a concatenation of sets (one backbone spec cannot rebuild it).
+    """
+    name = features or DEFAULT_SET
+    if CONCAT in name:
+        raise ConfigError(f"A probe on a concatenation of feature sets ({name!r}) cannot be saved with --out: "
+                          f"predict rebuilds one set per probe. Probe one set (e.g. {name.split(CONCAT)[0]!r}) "
+                          f"to save it, or drop --out.")
+    chosen = store.select_features(name)
+    spec = {k: v for k, v in store.backbone.items() if k != "feature_sets"}
+    if name != DEFAULT_SET:
+        node, _, pool = name.rpartition(":")
+        spec.update(layer=node, pool=pool, dim=int(chosen.shape[1]))
+    attrs = {**store.attrs, "backbone": spec, "dim": int(chosen.shape[1]), SELECTED_SET: name}
+    return dataclasses.replace(store, features=chosen, feature_sets={}, attrs=attrs)
 
 
 def task_of(targets: np.ndarray | None, label_sets: np.ndarray | None) -> str:
@@ -270,7 +313,7 @@ def probe_arrays(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, k
         chosen = check_penalty("probe", penalty)
         estimator = fit_fixed(X_fit, y_fit, head=head, penalty=chosen, standardize=standardize, device=device,
                               max_iter=max_iter)
-    notes = _notes(sweep, estimator)
+    notes = fit_notes(sweep, estimator)
     proba = estimator.predict_proba(features[parts.test])
     metrics = classification_report(labels[parts.test], proba, estimator.classes_, class_names=class_names)
     metrics["fit_seconds"] = float(estimator.fit_seconds_)
@@ -282,7 +325,7 @@ def probe_arrays(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, k
     )
 
 
-def _notes(sweep: SweepResult | None, estimator: Any) -> list[str]:
+def fit_notes(sweep: SweepResult | None, estimator: Any) -> list[str]:
     """What the user should know about the fit: a choice at the grid's edge, no convergence."""
     notes = []
     if sweep is not None and sweep.at_edge:

@@ -61,6 +61,8 @@ def extract(
     layer: str | None = None,
     pool: str = "avg",
     image_size: int | None = None,
+    layers: str | list[str] | tuple[str, ...] | None = None,
+    pools: str | list[str] | tuple[str, ...] | None = None,
     batch_size: int = 64,
     workers: int | None = None,
     threads: int | None = None,
@@ -93,6 +95,11 @@ def extract(
         layer: intermediate graph node instead of the penultimate features.
         pool: pooling of ``layer``: avg, max, avgmax, cls.
         image_size: model input size (pixels); default: the backbone's own.
+        layers: extra feature sets computed in the same forward pass and stored in the same
+            entry: graph nodes and presets (``stages`` for CNNs, ``last4`` for ViTs), comma-separated
+            or a list; the default features stay ``/features``. Part of the cache key.
+        pools: the pooling of every ``layers`` node: avg, max, avgmax, cls (comma-separated or a
+            list; default avg, ``last4``: cls and avg). Each (node, pool) is one set ``node:pool``.
         batch_size: images per forward pass.
         workers: DataLoader decoding processes (0 = decode in this process).
         threads: the model's intra-op threads (default ``$EMBEDCACHE_THREADS``, else the cores
@@ -135,7 +142,7 @@ def extract(
                                                                  gpus_per_worker))
     started = time.perf_counter()
     plan = plan_extraction(data, backbone=backbone, weights=weights, weights_path=weights_path, layer=layer,
-                           pool=pool, image_size=image_size, device=device, precision=precision,
+                           pool=pool, image_size=image_size, layers=layers, pools=pools, device=device, precision=precision,
                            store_dtype=store_dtype, cache_dir=cache_dir, unlabelled=unlabelled,
                            val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
                            targets=targets, worker_device="cuda" if ray_options and gpus_per_worker else None,

@@ -20,11 +20,13 @@ from typing import Any
 from embedcache.errors import CacheError, ConfigError
 from embedcache.models.backbone import Backbone, BackboneSpec
 from embedcache.models.catalog import backbone_identity
+from embedcache.models.pooling import parse_layers, split_list
 from embedcache.models.runtimes import key_payload, resolve_runtime
 from embedcache.runtime import resolve_device_type, resolve_precision
 from embedcache.sources.base import ImageSource
 from embedcache.sources.decode import DECODER_VERSION
 from embedcache.sources.open import open_source
+from embedcache.store.feature_sets import FEATURE_SETS_ATTR, feature_set_attr
 from embedcache.store.fingerprint import (
     cache_key,
     config_key,
@@ -46,12 +48,20 @@ class BackboneRequest:
     layer: str | None = None
     pool: str = "avg"
     image_size: int | None = None
+    layers: tuple[str, ...] = ()
+    pools: tuple[str, ...] = ()
 
     def build(self) -> Backbone:
         from embedcache.models.build import get_backbone  # torch: only when a model is needed
 
         return get_backbone(self.name, weights=self.weights, weights_path=self.weights_path, layer=self.layer,
-                            pool=self.pool, image_size=self.image_size)
+                            pool=self.pool, image_size=self.image_size, layers=self.layers, pools=self.pools)
+
+    def identity(self) -> dict[str, Any] | None:
+        """What determines the build, when known without building (the memo's key)."""
+        return backbone_identity(self.name, weights=self.weights, weights_path=self.weights_path,
+                                 layer=self.layer, pool=self.pool, image_size=self.image_size,
+                                 layers=self.layers, pools=self.pools)
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,7 @@ class ExtractionPlan:
             "manifest_sha256": self.manifest_sha256,
             "source": source.to_dict(),
             "class_names": list(source.class_names),
+            **({FEATURE_SETS_ATTR: feature_set_attr(self.backbone.feature_sets)} if self.backbone.feature_sets else {}),
         }
 
 
@@ -109,8 +120,7 @@ def _memo(cache_dir: Path) -> JsonMemo:
 
 def _backbone_spec(request: BackboneRequest, cache_dir: Path) -> tuple[BackboneSpec, Backbone | None]:
     """The identity of the requested backbone: remembered, or learnt by building it (then kept)."""
-    identity = backbone_identity(request.name, weights=request.weights, weights_path=request.weights_path,
-                                 layer=request.layer, pool=request.pool, image_size=request.image_size)
+    identity = request.identity()
     memo_key = None if identity is None else sha256_json(identity)
     if memo_key is not None:
         remembered = _memo(cache_dir).get(memo_key)
@@ -134,6 +144,8 @@ def plan_extraction(
     layer: str | None = None,
     pool: str = "avg",
     image_size: int | None = None,
+    layers: str | list[str] | tuple[str, ...] | None = None,
+    pools: str | list[str] | tuple[str, ...] | None = None,
     device: str = "auto",
     precision: str = "auto",
     store_dtype: str = "float16",
@@ -161,11 +173,14 @@ def plan_extraction(
     if cache_dir.exists() and not cache_dir.is_dir():
         raise CacheError(f"The cache directory {str(cache_dir)!r} is a file, not a directory. Pass --cache-dir DIR "
                          f"(or set EMBEDCACHE_DIR) to a directory.")
+    if isinstance(backbone, Backbone) and (layers or pools):
+        raise ConfigError("The 'layers' and 'pools' parameters apply to a backbone given by name; a built "
+                          "Backbone already has its feature sets (get_backbone(..., layers=...)).")
     if isinstance(backbone, Backbone):
         request, built, spec = None, backbone, backbone.identity()
     else:
         request = BackboneRequest(backbone, weights, None if weights_path is None else str(weights_path),
-                                  layer, pool, image_size)
+                                  layer, pool, image_size, tuple(parse_layers(layers)), tuple(split_list(pools)))
         spec, built = _backbone_spec(request, cache_dir)
     dev = worker_device or resolve_device_type(device)
     resolved = resolve_runtime(runtime, dev, backbone_name=spec.name)
@@ -193,9 +208,7 @@ def build_backbone(plan: ExtractionPlan) -> tuple[Backbone, ExtractionPlan]:
     bb = plan.request.build()
     if bb.identity() == plan.backbone:
         return bb, dataclasses.replace(plan, built=bb)
-    memo_identity = backbone_identity(plan.request.name, weights=plan.request.weights,
-                                      weights_path=plan.request.weights_path, layer=plan.request.layer,
-                                      pool=plan.request.pool, image_size=plan.request.image_size)
+    memo_identity = plan.request.identity()
     if memo_identity is not None:
         _memo(plan.cache_dir).put(sha256_json(memo_identity), bb.identity().to_memo())
     return bb, _keyed_plan(plan.source, bb.identity(), plan.request, bb, plan.device, plan.precision,

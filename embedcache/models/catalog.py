@@ -90,6 +90,7 @@ def _file_identity(path: str | os.PathLike) -> list[Any] | None:
 
 def backbone_identity(name: str, *, weights: str | None = None, weights_path: str | os.PathLike | None = None,
                       layer: str | None = None, pool: str = "avg", image_size: int | None = None,
+                      layers: list[str] | tuple[str, ...] = (), pools: list[str] | tuple[str, ...] = (),
                       ) -> dict[str, Any] | None:
     """What determines :func:`get_backbone`'s result, as plain data, when that is known without
     building it: the arguments, the (path, size, mtime) of every weights file it reads, and the
@@ -104,9 +105,12 @@ def backbone_identity(name: str, *, weights: str | None = None, weights_path: st
     identities = [_file_identity(f) for f in files]
     if any(i is None for i in identities):
         return None
-    return {"name": name, "weights": weights, "layer": layer, "pool": pool, "image_size": image_size,
-            "files": identities,
-            "versions": {p: package_version(p) for p in ("embedcache", "torch", "torchvision")}}
+    identity = {"name": name, "weights": weights, "layer": layer, "pool": pool, "image_size": image_size,
+                "files": identities,
+                "versions": {p: package_version(p) for p in ("embedcache", "torch", "torchvision")}}
+    if layers:  # only then: a plain extraction keeps the memo key it always had
+        identity["layers"], identity["pools"] = list(layers), list(pools)
+    return identity
 
 
 def list_backbones(*, with_torchvision_dims: bool = True) -> list[BackboneInfo]:

@@ -35,7 +35,8 @@ def fold_batchnorms(module: nn.Module, *, input_size: int) -> nn.Module:
     try:
         fused = fx_fuse(module, inplace=False)
     except Exception:  # noqa: BLE001 - not traceable by torch.fx (Python-side shape logic)
-        fused = _fold_by_structure(copy.deepcopy(module))
+        # eval() again: a deep copy of torch.fx's feature extractor (``--layer``/``--layers``) comes back in train mode
+        fused = _fold_by_structure(copy.deepcopy(module).eval())
     fused = fused.eval().requires_grad_(False)
     with torch.inference_mode(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

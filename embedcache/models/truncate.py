@@ -58,7 +58,8 @@ class PooledNode(nn.Module):
         return pool_features(out, self.pool)
 
 
-def _tracer_kwargs(leaf_modules: tuple[type, ...]) -> dict[str, Any] | None:
+def tracer_kwargs(leaf_modules: tuple[type, ...]) -> dict[str, Any] | None:
+    """torch.fx tracer arguments keeping ``leaf_modules`` untraced."""
     return {"leaf_modules": list(leaf_modules)} if leaf_modules else None
 
 
@@ -71,7 +72,7 @@ def graph_node_names(model: nn.Module, *, leaf_modules: tuple[type, ...] = ()) -
     """
     from torchvision.models.feature_extraction import get_graph_node_names
 
-    return get_graph_node_names(model, tracer_kwargs=_tracer_kwargs(leaf_modules))[1]
+    return get_graph_node_names(model, tracer_kwargs=tracer_kwargs(leaf_modules))[1]
 
 
 def truncate_at_layer(
@@ -90,7 +91,19 @@ def truncate_at_layer(
     """
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    eval_nodes = graph_node_names(model, leaf_modules=leaf_modules)
+    check_node(model, layer, graph_node_names(model, leaf_modules=leaf_modules))
+    extractor = create_feature_extractor(
+        model, return_nodes=[layer], tracer_kwargs=tracer_kwargs(leaf_modules)
+    )
+    return PooledNode(extractor, layer, pool)
+
+
+def check_node(model: nn.Module, layer: str, eval_nodes: list[str]) -> None:
+    """``layer`` names a node of ``eval_nodes`` (or a module standing for its last node).
+
+    Raises:
+        ConfigError: it does not; the message suggests close names.
+    """
     # A module name ("layer3") stands for its last node, as in torchvision's feature extraction.
     if not any(node == layer or node.startswith(layer + ".") for node in eval_nodes):
         modules = [name for name, _ in model.named_modules() if name]
@@ -101,10 +114,6 @@ def truncate_at_layer(
             f"Nodes: {', '.join(eval_nodes[:8])} ... {', '.join(eval_nodes[-8:])} "
             f"(`embedcache backbones NAME --nodes` lists all)."
         )
-    extractor = create_feature_extractor(
-        model, return_nodes=[layer], tracer_kwargs=_tracer_kwargs(leaf_modules)
-    )
-    return PooledNode(extractor, layer, pool)
 
 
 def truncate_default(model: nn.Module) -> nn.Module:

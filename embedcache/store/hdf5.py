@@ -280,13 +280,17 @@ def verify_columns(handle: h5py.File, path: Path, attrs: dict[str, Any]) -> None
             raise _corrupt(path, f"/{name}")
 
 
-def verify_feature_blocks(handle: h5py.File, path: Path, features: np.ndarray) -> None:
-    """``features`` (all rows, as read) against the per-block checksums, when the entry has them."""
-    if BLOCK_CRC32 not in handle:
+def verify_feature_blocks(handle: h5py.File, path: Path, features: np.ndarray, *, dataset: str = "features",
+                          checksums: str = BLOCK_CRC32) -> None:
+    """``features`` (all rows of ``dataset``, as read) against the per-block checksums in
+    ``checksums``, when the entry has them (an extra feature set always has them)."""
+    if checksums not in handle:
+        if dataset != "features":
+            raise _corrupt(path, f"/{dataset} (its checksums /{checksums} are missing)")
         return
-    recorded = read_numbers(handle[BLOCK_CRC32], path)
+    recorded = read_numbers(handle[checksums], path)
     computed = block_crc32(features)
     if len(recorded) != len(computed) or not np.array_equal(recorded, computed):
         bad = np.flatnonzero(recorded != computed) if len(recorded) == len(computed) else []
-        rows = f"rows {int(bad[0]) * ROWS_PER_CHUNK}-{int(bad[0]) * ROWS_PER_CHUNK + ROWS_PER_CHUNK - 1}" if len(bad) else "/features"
-        raise _corrupt(path, f"/features ({rows})")
+        rows = f"rows {int(bad[0]) * ROWS_PER_CHUNK}-{int(bad[0]) * ROWS_PER_CHUNK + ROWS_PER_CHUNK - 1}" if len(bad) else "all rows"
+        raise _corrupt(path, f"/{dataset} ({rows})")

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from embedcache.errors import CorruptEntryError
+from embedcache.store.feature_sets import feature_columns
 from embedcache.store.hdf5 import (
     CHECKED_COLUMNS,
     SPLIT_MAPPING,
@@ -32,7 +33,6 @@ from embedcache.store.hdf5 import (
     write_root_attrs,
 )
 from embedcache.store.schema import (
-    BLOCK_CRC32,
     COLUMN_CRC32,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -64,9 +64,10 @@ def write_layout(handle: h5py.File, *, n: int, dim: int, store_dtype: str, stati
                  attrs: dict[str, Any], cache_key: str, created: str) -> dict[str, int]:
     """Create every dataset of a new entry (features NaN-filled, nothing done) and its root
     attributes; returns the per-column checksums recorded in ``column_crc32``."""
-    create_checked(handle, "features", shape=(n, dim), dtype=store_dtype, fillvalue=np.nan,
-                   chunks=(max(1, min(ROWS_PER_CHUNK, n)), dim))
-    create_checked(handle, BLOCK_CRC32, data=unwritten_block_crcs(n, dim, store_dtype))
+    for _name, dataset, checksums, width in feature_columns({**attrs, "dim": dim}):  # /features, then each set
+        create_checked(handle, dataset, shape=(n, width), dtype=store_dtype, fillvalue=np.nan,
+                       chunks=(max(1, min(ROWS_PER_CHUNK, n)), width))
+        create_checked(handle, checksums, data=unwritten_block_crcs(n, width, store_dtype))
     create_checked(handle, "labels", data=static["labels"])
     paths = fixed_utf8(static["paths"])
     create_checked(handle, "paths", data=paths, dtype=utf8_dtype(paths.dtype.itemsize))
@@ -115,9 +116,12 @@ def resumable_state(handle: h5py.File, path: Path, *, cache_key: str, n: int,
     column_crc = dict(attrs[COLUMN_CRC32])
     verify_columns(handle, path, {COLUMN_CRC32: {k: v for k, v in column_crc.items() if k != "done"}})
     done = read_numbers(handle["done"], path).astype(bool)
-    finite, crcs = scan_features(handle["features"], path, done)
-    stale = np.repeat(crcs != read_numbers(handle[BLOCK_CRC32], path), ROWS_PER_CHUNK)[:n]
-    done &= finite & ~stale
+    for _name, dataset, checksums, width in feature_columns(attrs):  # a row is done only if done in every set
+        if tuple(handle[dataset].shape) != (n, width):
+            raise ValueError(f"/{dataset} has another shape")
+        finite, crcs = scan_features(handle[dataset], path, done)
+        stale = np.repeat(crcs != read_numbers(handle[checksums], path), ROWS_PER_CHUNK)[:n]
+        done &= finite & ~stale
     failed = np.zeros(n, dtype=bool)
     for index, _path, _msg in read_errors(handle):
         failed[index] = True
@@ -136,10 +140,11 @@ def verify_written(path: Path, done: np.ndarray) -> None:
         stored_done = read_numbers(handle["done"], path).astype(bool)
         if not np.array_equal(stored_done, done):
             raise CorruptEntryError("the done flags did not read back as written")
-        finite, crcs = scan_features(handle["features"], path, stored_done)
-        bad = int((stored_done & ~finite).sum())
-        if bad:
-            raise CorruptEntryError(f"{bad} finished rows read back as NaN or infinite")
-        if not np.array_equal(crcs, read_numbers(handle[BLOCK_CRC32], path)):
-            raise CorruptEntryError("feature blocks did not read back as written")
+        for _name, dataset, checksums, _width in feature_columns(read_attrs(handle)):
+            finite, crcs = scan_features(handle[dataset], path, stored_done)
+            bad = int((stored_done & ~finite).sum())
+            if bad:
+                raise CorruptEntryError(f"{bad} finished rows of /{dataset} read back as NaN or infinite")
+            if not np.array_equal(crcs, read_numbers(handle[checksums], path)):
+                raise CorruptEntryError(f"blocks of /{dataset} did not read back as written")
         read_errors(handle)

@@ -16,6 +16,7 @@ import numpy as np
 
 from embedcache.errors import CacheError, CorruptEntryError
 from embedcache.splits import parse_split
+from embedcache.store.feature_sets import DEFAULT_SET, read_sets, select_features
 from embedcache.store.hdf5 import (
     READ_FAILURES,
     attr_value,
@@ -49,6 +50,8 @@ class FeatureStore:
         target_names: the name of each target column.
         label_sets: ``(M, C)`` uint8 label sets (1 = the image carries class ``c`` of
             ``class_names``), or None.
+        feature_sets: the extra feature sets (``extract --layers``), ``{name: (M, D_set)}``;
+            ``features`` is the default set, ``penultimate``. See :meth:`select_features`.
     """
 
     path: Path
@@ -62,6 +65,7 @@ class FeatureStore:
     targets: np.ndarray | None = None
     target_names: list[str] = field(default_factory=list)
     label_sets: np.ndarray | None = None
+    feature_sets: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, allow_partial: bool = False) -> FeatureStore:
@@ -83,10 +87,25 @@ class FeatureStore:
                 arrays = _read_rows(handle, path, int(attrs["dim"]))
                 errors = read_errors(handle)
                 optional, target_names = _read_targets(handle, path, arrays[-1])
+                optional["feature_sets"] = read_sets(handle, path, attrs, arrays[-1])
             except READ_FAILURES as exc:  # a missing dataset or attribute, bad JSON, a damaged B-tree
                 raise CorruptEntryError(f"{str(path)!r} is a damaged cache entry ({type(exc).__name__}: {exc}). "
                                         f"`embedcache rm` removes it; extracting again recomputes it.") from exc
         return cls(path, *arrays, attrs, errors, target_names=target_names, **optional)
+
+    @property
+    def feature_set_names(self) -> list[str]:
+        """Names of every feature set held: ``penultimate`` (the default), then the extra ones."""
+        return [DEFAULT_SET, *self.feature_sets]
+
+    def select_features(self, features: str | None = None) -> np.ndarray:
+        """The features named by ``features``: a set name (``layer3:avg``), several joined by
+        ``+`` (concatenated now, never stored), or None / ``penultimate`` for the default set.
+
+        Raises:
+            ConfigError: a set this entry does not hold (the message lists those it holds).
+        """
+        return select_features(self.features, self.feature_sets, features)
 
     @property
     def cache_key(self) -> str:

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from embedcache.errors import CacheError
+from embedcache.store.feature_sets import feature_columns
 from embedcache.store.hdf5 import (
     READ_FAILURES,
     block_crc32,
@@ -168,9 +169,29 @@ def _verify_open(handle: h5py.File, report: VerifyReport) -> None:
             report.problems.append(f"... and {len(bad) - 10} more feature blocks")
     if int((done & ~finite).sum()):
         report.problems.append(f"{int((done & ~finite).sum())} rows marked done hold NaN or infinite values")
+    _verify_sets(handle, report, attrs, done)
     failed = _verify_errors(handle, report, done)
     if attrs.get("complete") and report.rows_done + failed < n:
         report.problems.append("marked complete but not every row is done or recorded as failed")
+
+
+def _verify_sets(handle: h5py.File, report: VerifyReport, attrs: dict, done: np.ndarray) -> None:
+    """Check every extra feature set (``extract --layers``) like /features."""
+    n = len(done)
+    for _name, dataset, checksums, width in feature_columns(attrs)[1:]:
+        if dataset not in handle or checksums not in handle or handle[dataset].shape != (n, width):
+            report.problems.append(f"feature set /{dataset} or its checksums are missing or not ({n}, {width})")
+            continue
+        finite, crcs = scan_features(handle[dataset], report.path, done)
+        report.blocks += len(crcs)
+        recorded = read_numbers(handle[checksums], report.path)
+        bad = np.flatnonzero(recorded != crcs) if recorded.shape == crcs.shape else np.arange(len(crcs))
+        for block in bad[:10].tolist():
+            report.problems.append(f"/{dataset} rows {block * ROWS_PER_CHUNK}-"
+                                   f"{min(n, (block + 1) * ROWS_PER_CHUNK) - 1} do not match their checksum")
+        if int((done & ~finite).sum()):
+            report.problems.append(f"{int((done & ~finite).sum())} rows of /{dataset} marked done hold NaN or "
+                                   f"infinite values")
 
 
 def _verify_errors(handle: h5py.File, report: VerifyReport, done: np.ndarray) -> int:

@@ -31,6 +31,7 @@ from embedcache.fileio import (
     new_temporary_path,
 )
 from embedcache.store.failed_hdf5 import keep_unclosable, quiet_failed_hdf5_objects
+from embedcache.store.feature_sets import feature_columns
 from embedcache.store.hdf5 import (
     LIBVER,
     check_safe,
@@ -50,7 +51,6 @@ from embedcache.store.layout import (
 )
 from embedcache.store.locking import EntryLock
 from embedcache.store.schema import (
-    BLOCK_CRC32,
     COLUMN_CRC32,
     ROWS_PER_CHUNK,
     STORE_DTYPES,
@@ -96,6 +96,9 @@ class StoreWriter:
         self.cache_key = cache_key
         self.n, self.dim, self.store_dtype = n, dim, store_dtype
         self._attrs = attrs
+        # (set, dataset, checksums, width) of /features and of each extra feature set (attrs["feature_sets"])
+        self._columns = feature_columns({**attrs, "dim": dim})
+        self.total_dim = sum(width for *_, width in self._columns)
         self._static = {
             "paths": list(paths),
             "labels": np.asarray(labels, dtype=np.int64),
@@ -204,7 +207,7 @@ class StoreWriter:
         itemsize = np.dtype(self.store_dtype).itemsize
         todo = int(self.n - self._done.sum())
         fixed = 40 * self.n + sum(len(p) for p in self._static["paths"]) + (1 << 20)
-        return todo * self.dim * itemsize + fixed
+        return todo * self.total_dim * itemsize + fixed
 
     def _check_room(self) -> None:
         """Fail before any work when the cache's file system cannot hold the entry."""
@@ -250,23 +253,29 @@ class StoreWriter:
         return f"Committed progress is kept in {str(self.partial_path)!r}; rerun the same command to resume."
 
     def write_rows(self, rows: np.ndarray, features: np.ndarray) -> None:
-        """Write feature rows (row indices ascending); their done flags land at the next commit."""
+        """Write feature rows (row indices ascending); their done flags land at the next commit.
+
+        ``features`` holds the default features, then the columns of each extra feature set in
+        the order of the ``feature_sets`` attribute (``total_dim`` columns in all)."""
         self._require_open()
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return
-        if features.shape != (len(rows), self.dim):
-            raise ValueError(f"features shape {features.shape} != ({len(rows)}, {self.dim})")
+        if features.shape != (len(rows), self.total_dim):
+            raise ValueError(f"features shape {features.shape} != ({len(rows)}, {self.total_dim})")
         if not np.isfinite(features).all():
             raise CacheError(f"The backbone produced NaN or infinite features for rows {rows[:5].tolist()}...; "
                              f"refusing to cache them. Try --precision fp32.")
         data = features.astype(self.store_dtype, copy=False)
-        dset = self._handle["features"]
         # Contiguous runs are written as slices (one HDF5 call each), scattered rows one by one.
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         with self._writing(needed=self._bytes_needed(), kept=self._kept()):
-            for run_rows, run_data in zip(np.split(rows, breaks), np.split(data, breaks), strict=False):
-                dset[int(run_rows[0]) : int(run_rows[-1]) + 1] = run_data
+            begin = 0
+            for _name, dataset, _checksums, width in self._columns:
+                dset, part = self._handle[dataset], data[:, begin:begin + width]
+                begin += width
+                for run_rows, run_data in zip(np.split(rows, breaks), np.split(part, breaks), strict=False):
+                    dset[int(run_rows[0]) : int(run_rows[-1]) + 1] = run_data
         self._pending_done.append(rows)
 
     def record_errors(self, failures: Iterable[tuple[int, str]]) -> None:
@@ -306,11 +315,12 @@ class StoreWriter:
             self._handle.flush()
 
     def _update_block_crcs(self, blocks: np.ndarray) -> None:
-        """Checksum the touched feature blocks as they now read back from the file."""
-        features, checksums = self._handle["features"], self._handle[BLOCK_CRC32]
-        for block in blocks.tolist():
-            begin = block * ROWS_PER_CHUNK
-            checksums[block] = crc32(features[begin:begin + ROWS_PER_CHUNK])
+        """Checksum the touched feature blocks (of every set) as they now read back from the file."""
+        for _name, dataset, checksums_name, _width in self._columns:
+            features, checksums = self._handle[dataset], self._handle[checksums_name]
+            for block in blocks.tolist():
+                begin = block * ROWS_PER_CHUNK
+                checksums[block] = crc32(features[begin:begin + ROWS_PER_CHUNK])
 
     def copy_rows_from(self, source: Path, mapping: dict[int, int]) -> int:
         """Copy feature rows from another complete entry: ``{our_row: their_row}`` (their
@@ -319,11 +329,14 @@ class StoreWriter:
             return 0
         ours = np.array(sorted(mapping), dtype=np.int64)
         theirs = np.array([mapping[i] for i in ours], dtype=np.int64)
-        with open_h5(source) as other:
+        parts = []
+        with open_h5(source) as other:  # same config key, hence the same feature sets
             check_safe(other, source)
-            stored = read_numbers(other["features"], source)
-            verify_feature_blocks(other, source, stored)
-        self.write_rows(ours, stored[theirs])
+            for _name, dataset, checksums, _width in self._columns:
+                stored = read_numbers(other[dataset], source)
+                verify_feature_blocks(other, source, stored, dataset=dataset, checksums=checksums)
+                parts.append(stored[theirs])
+        self.write_rows(ours, np.concatenate(parts, axis=1))
         self.commit()
         return len(ours)
 

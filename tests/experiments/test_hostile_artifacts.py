@@ -285,4 +285,4 @@ def test_a_sweep_that_chooses_inside_its_grid_adds_no_note():
     inside = SweepResult([1e-1, 1e-2, 1e-3], [0.5, 0.9, 0.7], [1, 1, 1], [0.0] * 3, 1e-2, 0.9)
     assert inside.at_edge is None
     assert SweepResult([1e-1, 1e-2, 1e-3], [0.5, 0.7, 0.9], [1, 1, 1], [0.0] * 3, 1e-3, 0.9).at_edge == "weakest"
-    assert protocol_mod._notes(inside, None) == []
+    assert protocol_mod.fit_notes(inside, None) == []
