@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -236,3 +237,12 @@ def open_lock_file(path: str | os.PathLike) -> int:
         raise CacheError(f"{str(path)!r} is not a plain file (a hard link or a device); refusing to write it. "
                          f"Remove it and rerun.")
     return fd
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from embedcache.errors import ConfigError
-from embedcache.fileio import named_write_errors, publish, stage_write
+from embedcache.fileio import named_write_errors, publish, sha256_file, stage_write
 
 #: Version of the probe directory layout (probe.json ``artifact_version``).
 ARTIFACT_VERSION = 2
@@ -28,15 +28,6 @@ META = "probe.json"
 REPORT = "report.json"
 #: Key of probe.json listing ``{file: {"sha256": ..., "bytes": ...}}``.
 FILES_KEY = "files"
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _record(data: bytes) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from embedcache.errors import ConfigError
-from embedcache.fileio import is_plain_file, named_write_errors, new_file_mode
+from embedcache.fileio import is_plain_file, named_write_errors, new_file_mode, sha256_file
 from embedcache.models.backbone import Backbone
 from embedcache.models.fuse import fold_batchnorms
 from embedcache.models.runtimes import INSTALL_OPENVINO, openvino_version
@@ -64,14 +64,6 @@ def _digest(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _valid_export(directory: Path, identity: dict[str, Any]) -> bool:
     """A cached export that is ours, complete, plain files, and unchanged since it was written."""
     record = directory / "export.json"
@@ -82,7 +74,7 @@ def _valid_export(directory: Path, identity: dict[str, Any]) -> bool:
         if meta.get("identity") != identity:
             return False
         for name in ("model.xml", "model.bin"):
-            if not is_plain_file(directory / name) or _sha256(directory / name) != meta["sha256"][name]:
+            if not is_plain_file(directory / name) or sha256_file(directory / name) != meta["sha256"][name]:
                 return False
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -107,7 +99,7 @@ def _export(bb: Backbone, target: Path, identity: dict[str, Any]) -> None:
         os.chmod(staging, mode | (mode & 0o444) >> 2)  # mkdtemp's 0o700 would hide it from the cache's other users
         ov.save_model(model, str(staging / "model.xml"), compress_to_fp16=False)
         meta = {"identity": identity,
-                "sha256": {name: _sha256(staging / name) for name in ("model.xml", "model.bin")}}
+                "sha256": {name: sha256_file(staging / name) for name in ("model.xml", "model.bin")}}
         (staging / "export.json").write_text(json.dumps(meta, indent=2))
         for name in ("model.xml", "model.bin", "export.json"):
             with open(staging / name, "rb") as handle:

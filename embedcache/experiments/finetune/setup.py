@@ -5,7 +5,6 @@ directory holds the same run."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from embedcache.errors import ConfigError, DataSourceError
 from embedcache.experiments.artifacts import LoadedProbe, normalise_class_name
 from embedcache.experiments.finetune.config import FinetuneConfig
 from embedcache.experiments.protocol import DEFAULT_VAL_FRACTION, ProbeSplit, split_for_probe
+from embedcache.fileio import sha256_file
 from embedcache.models.backbone import Backbone
 from embedcache.sources.base import ImageSource
 from embedcache.sources.open import open_source
@@ -145,18 +145,10 @@ def _check_against_probe_cache(entry: Path, keys: np.ndarray, split: ProbeSplit)
     return "test split identical to the probe's" if same else "test split differs from the probe's (no overlap with its training rows)"
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def run_key(config: FinetuneConfig, loaded: LoadedProbe, source: ImageSource, *, fmt: str, version: int) -> str:
     """sha256 of the run's format, settings, the probe directory's files and the data's manifest."""
     probe_files = sorted(p for p in loaded.path.iterdir() if p.name in PROBE_FILES)
     payload = {"format": fmt, "version": version, "config": config.to_dict(),
-               "probe": {p.name: _file_sha256(p) for p in probe_files},
+               "probe": {p.name: sha256_file(p) for p in probe_files},
                "data": source.manifest_sha256()}
     return sha256_json(payload)
