@@ -78,7 +78,11 @@ def info_command(entry: str, cache_dir: Path, as_json: bool, max_errors_shown: i
     a = store.attrs
     click.echo(f"entry      {path}")
     click.echo(f"cache key  {a['cache_key']}")
-    click.echo(f"complete   {a['complete']}   rows {len(store)}/{a['n']}   dim {a['dim']}   dtype {a['store_dtype']}")
+    done = len(store) + (len(store.views) if store.views is not None else 0)
+    click.echo(f"complete   {a['complete']}   rows {done}/{a['n']}   dim {a['dim']}   dtype {a['store_dtype']}")
+    if store.views is not None:
+        click.echo(f"views      {a.get('views')} per train image ({a.get('augment')}): {len(store)} images + "
+                   f"{len(store.views)} augmented views of train images (probes train on them; val/test never)")
     click.echo(f"backbone   {json.dumps(a['backbone'])}")
     sets = [f"penultimate ({a['dim']})"] + [f"{name} ({values.shape[1]})" for name, values in store.feature_sets.items()]
     click.echo(f"features   {len(sets)} set{'s' if len(sets) > 1 else ''}: {', '.join(sets)}")

@@ -21,6 +21,7 @@ from embedcache.cli.common import (
     workers_option,
 )
 from embedcache.models.pooling import POOLS
+from embedcache.sources.views import AUGMENTS
 from embedcache.store.schema import DEFAULT_SHARD_SIZE, STORE_DTYPES
 
 if TYPE_CHECKING:
@@ -47,6 +48,12 @@ if TYPE_CHECKING:
                    f"one or more, comma-separated (e.g. avg,max) [default: avg; last4: cls,avg].")
 @click.option("--image-size", type=int, default=None,
               help="Model input size in pixels, 8-2048 (default: the backbone's).")
+@click.option("--views", type=int, default=1, show_default=True,
+              help="Views of every TRAIN image to cache: its centre view plus K-1 augmented ones (val and test "
+                   "keep the centre view only). Probes then train on every view of the train images.")
+@click.option("--augment", type=click.Choice(sorted(AUGMENTS)), default=None,
+              help="What an augmented view is (with --views K >= 2) [default: standard]: "
+                   + "; ".join(f"{name}: {text}" for name, text in AUGMENTS.items()) + ".")
 @batch_size_option
 @workers_option
 @threads_option
@@ -128,6 +135,9 @@ def extract_command(data: str, no_incremental: bool, as_json: bool, target: str 
                    f"{stats.failed} failed) in {stats.seconds:.2f} s; no model ran.")
     else:
         click.echo(_summary(stats, Path(store.path)))
+    if store.views is not None:
+        click.echo(f"views: {store.attrs.get('views')} per train image ({store.attrs.get('augment')}): "
+                   f"{len(store.views)} augmented rows besides the {len(store)} images")
     if store.feature_sets:
         click.echo(f"feature sets: {', '.join(f'{name} ({values.shape[1]})' for name, values in [('penultimate', store.features), *store.feature_sets.items()])}")
     if store.cache_hit:

@@ -67,7 +67,9 @@ def probe_report(result: ProbeResult) -> str:
         f"cache      {result.store_path}",
         f"head       {result.head} ({result.task}), {chosen} "
         f"({'chosen on val' if result.swept else 'fixed'}; val: {result.val_source})",
-        f"rows       train {sizes['train']}, val {sizes['val']}, test {sizes['test']} ({refit})",
+        f"rows       train {sizes['train']}"
+        + (f" (+ {sizes['train_views']} augmented views)" if sizes.get("train_views") else "")
+        + f", val {sizes['val']}, test {sizes['test']} ({refit})",
         *_test_line(result),
         f"time       fit {result.fit_seconds:.2f} s, total {result.total_seconds:.2f} s",
     ]

@@ -68,7 +68,11 @@ probe_head_option = click.option(
               help="Feature set to train on: 'penultimate' (the default), a set stored by `extract --layers` "
                    "(NODE:POOL, e.g. features.3:avg; `embedcache info ENTRY` lists them), several joined by '+' "
                    "(concatenated at fit time, never stored), or 'all': sweep every (set, penalty) on val, "
-                   "refit the winner on train+val, score test once.")
+                   "the concatenation of all sets included (not with --out), refit the winner on train+val, "
+                   "score test once.")
+@click.option("--views", type=int, default=None,
+              help="An entry of `extract --views K`: train on the first N views of each train image (1: the "
+                   "centre views only) [default: all K]. Val and test are always scored on centre views.")
 @json_option
 @cache_dir_option
 @handle_errors
@@ -130,7 +134,9 @@ def _probe_report(result: ProbeResult) -> str:
         f"features   {result.features}",
         f"head       {result.head}, penalty {result.penalty:.3g} "
         f"({'swept' if result.swept else 'fixed'}; val: {result.val_source})",
-        f"rows       train {sizes['train']}, val {sizes['val']}, test {sizes['test']} (refit on train+val)",
+        f"rows       train {sizes['train']}"
+        + (f" (+ {sizes['train_views']} augmented views)" if sizes.get("train_views") else "")
+        + f", val {sizes['val']}, test {sizes['test']} (refit on train+val)",
         f"test       top-1 {m['top1']:.4f}" + (f"  {top_k} {m[top_k]:.4f}" if top_k else "")
         + f"  balanced {m['balanced_accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}",
         f"time       refit {result.fit_seconds:.2f} s, total {result.total_seconds:.2f} s",

@@ -1,7 +1,7 @@
 """``probe ENTRY --features all``: choose the feature set and the penalty together, on validation only.
 
-Every feature set of the entry (``penultimate`` and each ``extract --layers`` set) gets the usual
-penalty sweep on the val rows; the (set, penalty) with the best val top-1 wins (ties: the earlier
+Every feature set of the entry (``penultimate`` and each ``extract --layers`` set), and the
+concatenation of all distinct sets, gets the usual penalty sweep on the val rows; the (set, penalty) with the best val top-1 wins (ties: the earlier
 set, then the stronger penalty); only the winner, refit on train+val, is scored on test, once.
 """
 
@@ -20,6 +20,8 @@ from embedcache.experiments.artifacts import save_probe
 from embedcache.experiments.protocol import (
     DEFAULT_VAL_FRACTION,
     ProbeResult,
+    TrainViews,
+    add_train_views,
     artifact_view,
     fit_notes,
     open_store,
@@ -30,6 +32,7 @@ from embedcache.heads.registry import LINEAR_HEADS, resolve_head
 from embedcache.heads.sweep import DEFAULT_PENALTIES, sweep_and_refit
 from embedcache.heads.validation import check_features, check_labels
 from embedcache.runtime import run_threads
+from embedcache.store.feature_sets import CONCAT
 from embedcache.store.reader import FeatureStore
 
 
@@ -42,12 +45,35 @@ def _check_request(store: FeatureStore, head: str, options: dict[str, Any]) -> N
         raise ConfigError(f"--features all chooses the penalty on val itself; drop {', '.join('--' + g for g in given)}.")
 
 
+def _candidates(store: FeatureStore, *, saving: bool, notes: list[str]) -> list[str]:
+    """Every set of the entry, then (with two or more distinct sets) their concatenation: earlier
+    and later layers together often beat any one of them, and the choice stays on val. A set that
+    is bitwise the same as an earlier one (EfficientNet's ``stages`` end on the penultimate
+    features again) is left out of the concatenation. With ``saving`` (``--out``) the
+    concatenation is no candidate: a saved probe rebuilds one set."""
+    names = store.feature_set_names
+    distinct: list[str] = []
+    for name in names:
+        values = store.select_features(name)
+        if not any(store.select_features(d).shape == values.shape and np.array_equal(store.select_features(d), values)
+                   for d in distinct):
+            distinct.append(name)
+    if len(distinct) < 2:
+        return names
+    if saving:
+        notes.append("With --out the concatenation of every set is not a candidate (a saved probe rebuilds one "
+                     "set); drop --out to let the sweep try it.")
+        return names
+    return [*names, CONCAT.join(distinct)]
+
+
 def probe_all_sets(entry: str | os.PathLike | FeatureStore, *, head: str | None = None, penalties: Any = None,
                    val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0, standardize: bool = True,
                    device: str = "cpu", max_iter: int | None = None, out: str | os.PathLike | None = None,
                    cache_dir: str | os.PathLike | None = None, progress: Callable[[str], None] | None = None,
                    penalty: float | None = None, k: int | None = None, ks: Any = None,
-                   temperature: float | None = None, threads: int | None = None) -> ProbeResult:
+                   temperature: float | None = None, threads: int | None = None,
+                   views: int | None = None) -> ProbeResult:
     """Sweep (feature set, penalty) on val, refit the winner on train+val, score test once.
 
     Arguments as for :func:`~embedcache.experiments.protocol.probe` (``penalty``, ``k``, ``ks``
@@ -61,14 +87,14 @@ def probe_all_sets(entry: str | os.PathLike | FeatureStore, *, head: str | None 
         result = _probe_all_sets(entry, head=head, penalties=penalties, val_fraction=val_fraction, seed=seed,
                                  standardize=standardize, device=device, max_iter=max_iter, out=out,
                                  cache_dir=cache_dir, progress=progress, penalty=penalty, k=k, ks=ks,
-                                 temperature=temperature)
+                                 temperature=temperature, views=views)
     result.threads = count
     return result
 
 
 def _probe_all_sets(entry: Any, *, head: str | None, penalties: Any, val_fraction: float, seed: int,
                     standardize: bool, device: str, max_iter: int | None, out: Any, cache_dir: Any,
-                    progress: Any, penalty: Any, k: Any, ks: Any, temperature: Any) -> ProbeResult:
+                    progress: Any, penalty: Any, k: Any, ks: Any, temperature: Any, views: Any) -> ProbeResult:
     started = time.perf_counter()
     store = open_store(entry, cache_dir)
     head = resolve_head(head, store.task)
@@ -76,12 +102,17 @@ def _probe_all_sets(entry: Any, *, head: str | None, penalties: Any, val_fractio
     labels = store.labels
     parts = split_for_probe(labels, store.splits, store.paths, val_fraction=val_fraction, seed=seed)
     check_labels(labels[parts.train], len(parts.train))
-    fit_rows = np.concatenate([parts.train, parts.val])
+    n_views = 0
     table: list[dict[str, Any]] = []
     best: tuple[str, float, Any, Any] | None = None
-    for name in store.feature_set_names:
+    notes: list[str] = []
+    for name in _candidates(store, saving=out is not None, notes=notes):
         features = check_features(store.select_features(name), name=f"feature set {name!r}")
-        sweep, estimator = sweep_and_refit(features[fit_rows], labels[fit_rows], len(parts.train), head=head,
+        # the views of the train images (extract --views) join the training rows, those of val never
+        fitting, features, (fit_labels,), n_views = add_train_views(parts, TrainViews.of_store(store, name, views),
+                                                                    features, labels)
+        fit_rows = np.concatenate([fitting.train, fitting.val])
+        sweep, estimator = sweep_and_refit(features[fit_rows], fit_labels[fit_rows], len(fitting.train), head=head,
                                            penalties=penalties or DEFAULT_PENALTIES, standardize=standardize,
                                            device=device, max_iter=max_iter)
         table += [{"features": name, "dim": int(features.shape[1]), "penalty": p, "val_top1": a}
@@ -96,10 +127,10 @@ def _probe_all_sets(entry: Any, *, head: str | None, penalties: Any, val_fractio
     metrics = classification_report(labels[parts.test], proba, estimator.classes_, class_names=store.class_names)
     metrics["fit_seconds"] = float(estimator.fit_seconds_)
     result = ProbeResult(
-        head=head, penalty=sweep.best_penalty, swept=True, sweep=sweep, metrics=metrics, split_sizes=parts.sizes(),
+        head=head, penalty=sweep.best_penalty, swept=True, sweep=sweep, metrics=metrics, split_sizes={**parts.sizes(), **({"train_views": n_views} if store.views is not None else {})},
         val_source=parts.val_source, val_fraction=parts.val_fraction, seed=seed,
         fit_seconds=float(estimator.fit_seconds_), total_seconds=time.perf_counter() - started,
-        estimator=estimator, notes=fit_notes(sweep, estimator), chosen={"penalty": sweep.best_penalty, "features": name},
+        estimator=estimator, notes=[*notes, *fit_notes(sweep, estimator)], chosen={"penalty": sweep.best_penalty, "features": name},
         store_path=str(store.path), features=name, feature_sweep=table)
     if out is not None:
         result.artifact_dir = str(save_probe(result, artifact_view(store, name), Path(out)))

@@ -86,8 +86,8 @@ def _tensors(result: Any, store: Any, meta: dict[str, Any]) -> dict[str, np.ndar
         meta["references"] = {"cache_key": store.cache_key, "cache_path": str(Path(store.path).resolve()),
                               "n": int(len(positions)), "rows": "probe.safetensors: reference_rows",
                               "feature_set": store.attrs.get(SELECTED_SET, DEFAULT_SET)}
-        return {"reference_rows": np.asarray(store.rows, np.int64)[positions],
-                "reference_labels": np.asarray(store.labels, np.int64)[positions],
+        rows, labels = _rows_and_labels(store)
+        return {"reference_rows": rows[positions], "reference_labels": labels[positions],
                 "classes": np.asarray(est.classes_, np.int64)}
     tensors = {"coef": np.asarray(est.coef_, np.float32).reshape(-1, int(est.n_features_in_)),
                "intercept": np.asarray(est.intercept_, np.float32).reshape(-1),
@@ -95,6 +95,15 @@ def _tensors(result: Any, store: Any, meta: dict[str, Any]) -> dict[str, np.ndar
     if result.task == "classes":
         tensors["classes"] = np.asarray(est.classes_, np.int64)
     return tensors
+
+
+def _rows_and_labels(store: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
+    """File rows and labels of every position a probe can use: the images, then their views
+    (``extract --views``: a view's label is its image's)."""
+    rows, labels = np.asarray(store.rows, np.int64), np.asarray(store.labels, np.int64)
+    if store.views is None:
+        return rows, labels
+    return np.concatenate([rows, store.views.rows]), np.concatenate([labels, labels[store.views.origin]])
 
 
 def save_head_probe(result: Any, store: Any, out: Path) -> Path:
@@ -140,13 +149,17 @@ def _reference_store(meta: dict[str, Any]) -> FeatureStore:
 def _knn(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> KNNProbe:
     store = _reference_store(meta)
     rows, labels = tensors["reference_rows"], tensors["reference_labels"]
-    positions = np.searchsorted(store.rows, rows)
-    found = (positions < len(store.rows)) & (store.rows[np.minimum(positions, len(store.rows) - 1)] == rows)
-    if not found.all() or not np.array_equal(store.labels[positions], labels):
+    held_rows, held_labels = _rows_and_labels(store)  # ascending: every view row follows the images' rows
+    positions = np.searchsorted(held_rows, rows)
+    found = (positions < len(held_rows)) & (held_rows[np.minimum(positions, len(held_rows) - 1)] == rows)
+    if not found.all() or not np.array_equal(held_labels[positions], labels):
         raise CacheError(f"Cache entry {str(store.path)!r} does not hold this k-NN probe's reference rows "
                          f"and labels; restore the original entry or retrain the probe.")
     chosen = meta.get("chosen", {})
-    references = store.select_features((meta.get("references") or {}).get("feature_set"))
+    feature_set = (meta.get("references") or {}).get("feature_set")
+    references = store.select_features(feature_set)
+    if store.views is not None:
+        references = np.concatenate([references, store.views.select_features(feature_set)])
     return KNNProbe.from_references(references=references[positions], labels=labels, classes=tensors["classes"],
                                     k=int(chosen["k"]), temperature=float(chosen["temperature"]))
 

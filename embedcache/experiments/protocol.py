@@ -103,6 +103,57 @@ def split_for_probe(labels: np.ndarray, splits: np.ndarray, keys: np.ndarray, *,
     return ProbeSplit(train, val, test, val_source, float(val_fraction), int(seed))
 
 
+@dataclass(frozen=True)
+class TrainViews:
+    """Augmented views of some images (``extract --views``) offered to a probe's training rows:
+    ``features`` ``(V, D)`` and ``origin`` ``(V,)``, the position of the image each view is of."""
+
+    features: np.ndarray
+    origin: np.ndarray
+
+    @classmethod
+    def of_store(cls, store: FeatureStore, features: str | None = None, views: int | None = None
+                 ) -> TrainViews | None:
+        """The entry's views of the set(s) named by ``features``, or None when it has none (or
+        ``views`` is 1). ``views``: use the centre view and views ``1..views-1`` only (a view
+        does not depend on K, so view ``v`` of a ``--views 8`` entry is view ``v`` of ``--views 4``)."""
+        held = int(store.attrs.get("views", 1)) if store.views is not None else 1
+        if views is not None and (isinstance(views, bool) or not isinstance(views, (int, np.integer))
+                                  or not 1 <= views <= held):
+            raise ConfigError(f"The 'views' parameter (--views) must be an int from 1 (centre views only) to "
+                              f"{held} (the views this entry holds per train image). Got {views!r}.")
+        if store.views is None or len(store.views) == 0 or views == 1:
+            return None
+        keep = slice(None) if views is None else np.flatnonzero(store.views.index < views)
+        return cls(store.views.select_features(features)[keep], store.views.origin[keep])
+
+
+def add_train_views(parts: ProbeSplit, views: TrainViews | None, features: np.ndarray,
+                    *columns: np.ndarray | None) -> tuple[ProbeSplit, np.ndarray, list[np.ndarray | None], int]:
+    """Append every view as a row after the ``N`` image rows and add the views of the TRAIN
+    images (only those) to ``parts.train``; ``columns`` (labels, targets, ...) are copied from each
+    view's image. Returns ``(parts, features, columns, views used)``; unchanged without views.
+
+    A view of a val or test image is never a training row: checked explicitly (``python -O``
+    keeps the check), so a selection or a test score never sees an augmented copy of itself.
+    """
+    if views is None:
+        return parts, features, list(columns), 0
+    n = len(features)
+    if views.features.shape[1:] != features.shape[1:] or len(views.origin) != len(views.features):
+        raise ConfigError(f"The views' features {views.features.shape} do not match the images' {features.shape}; "
+                          f"the entry is damaged. `embedcache verify` checks it.")
+    used = np.flatnonzero(np.isin(views.origin, parts.train))
+    held = np.concatenate([parts.val, parts.test])
+    if np.isin(views.origin[used], held).any() or np.isin(views.origin[used], parts.train, invert=True).any():
+        raise ConfigError("Internal error: a view of a val or test image was about to become a training row; "
+                          "nothing was fitted.")
+    train = np.concatenate([parts.train, n + used])
+    merged = [None if c is None else np.concatenate([c, c[views.origin]]) for c in columns]
+    features = np.concatenate([features, views.features.astype(features.dtype, copy=False)])
+    return dataclasses.replace(parts, train=train), features, merged, len(used)
+
+
 @dataclass
 class ProbeResult:
     """What :func:`probe` returns (also written as report.json).
@@ -177,7 +228,7 @@ def probe(entry: str | os.PathLike | FeatureStore, *, head: str | None = None, p
           out: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
           progress: Callable[[str], None] | None = None, k: int | None = None,
           ks: tuple[int, ...] | list[int] | None = None, temperature: float = DEFAULT_TEMPERATURE,
-          threads: int | None = None, features: str | None = None) -> ProbeResult:
+          threads: int | None = None, features: str | None = None, views: int | None = None) -> ProbeResult:
     """Train a head on a cache entry: choose on val (penalty sweep, or k), refit, test once.
 
     What the entry's rows carry decides the task: one class each (heads ``torch``, ``sklearn``,
@@ -206,12 +257,15 @@ def probe(entry: str | os.PathLike | FeatureStore, *, head: str | None = None, p
             ``features.3:avg``, several joined by ``+`` (concatenated now), or None /
             ``penultimate`` for the default features. To choose the set on val too, see
             :func:`~embedcache.experiments.feature_sweep.probe_all_sets`.
+        views: an entry of ``extract --views K``: train on the first ``views`` views of each
+            train image (1: the centre view only; default: all K).
     """
     if features == ALL_SETS:
         raise ConfigError("features='all' chooses the feature set on val too: call embedcache.probe_all_sets(entry, "
                           "...) (the CLI's `probe ENTRY --features all`), or name one set.")
     store = open_store(entry, cache_dir)
     chosen_features = store.select_features(features)
+    train_views = TrainViews.of_store(store, features, views)
     if out is not None:
         store = artifact_view(store, features)  # before fitting: a concatenation cannot be saved
     with run_threads(threads) as count:
@@ -220,7 +274,7 @@ def probe(entry: str | os.PathLike | FeatureStore, *, head: str | None = None, p
                               standardize=standardize, device=device, max_iter=max_iter,
                               class_names=store.class_names, progress=progress, targets=store.targets,
                               target_names=store.target_names, label_sets=store.label_sets, k=k, ks=ks,
-                              temperature=temperature)
+                              temperature=temperature, views=train_views)
     result.threads = count
     result.store_path = str(store.path)
     result.features = features or DEFAULT_SET
@@ -264,9 +318,13 @@ def probe_arrays(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, k
                  progress: Callable[[str], None] | None = None, targets: np.ndarray | None = None,
                  target_names: list[str] | None = None, label_sets: np.ndarray | None = None,
                  k: int | None = None, ks: tuple[int, ...] | list[int] | None = None,
-                 temperature: float = DEFAULT_TEMPERATURE) -> ProbeResult:
+                 temperature: float = DEFAULT_TEMPERATURE, views: TrainViews | None = None) -> ProbeResult:
     """The probe protocol on in-memory arrays (features, labels, split codes, stable row keys;
-    ``targets`` (n, T) or ``label_sets`` (n, C) for those tasks; other arguments as :func:`probe`)."""
+    ``targets`` (n, T) or ``label_sets`` (n, C) for those tasks; other arguments as :func:`probe`).
+
+    ``views``: augmented views of some of the images; those of the train images join the
+    training rows (of the sweep and of the refit), those of val and test images are never used.
+    Positions at or past ``len(features)`` (a k-NN probe's ``reference_positions``) are views."""
     started = time.perf_counter()
     task = task_of(targets, label_sets)
     head = resolve_head(head, task)
@@ -283,6 +341,10 @@ def probe_arrays(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, k
     parts = split_for_probe(strata, splits, keys, val_fraction=val_fraction, seed=seed)
     if task == "classes":
         check_labels(labels[parts.train], len(parts.train))
+    image_sizes = parts.sizes()
+    parts, features, (labels, targets, label_sets), n_views = add_train_views(parts, views, features, labels,
+                                                                               targets, label_sets)
+    sizes = {**image_sizes, **({"train_views": n_views} if views is not None else {})}
     if task != "classes" or head not in LINEAR_HEADS:
         fit = fit_head(task, head, features, Rows(parts.train, parts.val, parts.test), labels=labels,
                        targets=targets, target_names=target_names, label_sets=label_sets, class_names=class_names,
@@ -294,7 +356,7 @@ def probe_arrays(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, k
                      f"(val {sel.metric} {sel.best_score:.4f})")
         return ProbeResult(
             head=head, penalty=fit.penalty, swept=fit.selection is not None, sweep=None, metrics=fit.metrics,
-            split_sizes=parts.sizes(), val_source=parts.val_source, val_fraction=parts.val_fraction, seed=seed,
+            split_sizes=sizes, val_source=parts.val_source, val_fraction=parts.val_fraction, seed=seed,
             fit_seconds=float(fit.estimator.fit_seconds_), total_seconds=time.perf_counter() - started,
             estimator=fit.estimator, task=task, selection=fit.selection, chosen=fit.chosen,
             target_names=list(target_names or []), reference_positions=fit.reference_positions)
@@ -319,7 +381,7 @@ def probe_arrays(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, k
     metrics["fit_seconds"] = float(estimator.fit_seconds_)
     return ProbeResult(
         head=head, penalty=chosen, swept=sweep is not None, sweep=sweep, metrics=metrics,
-        split_sizes=parts.sizes(), val_source=parts.val_source, val_fraction=parts.val_fraction, seed=seed,
+        split_sizes=sizes, val_source=parts.val_source, val_fraction=parts.val_fraction, seed=seed,
         fit_seconds=float(estimator.fit_seconds_), total_seconds=time.perf_counter() - started,
         estimator=estimator, notes=notes, chosen={"penalty": chosen},
     )

@@ -24,6 +24,7 @@ from embedcache.extraction.plan import ExtractionPlan
 from embedcache.models.backbone import Backbone
 from embedcache.models.runtimes import EXPORTS_DIR
 from embedcache.runtime import torch_threads
+from embedcache.sources.views import view_array
 from embedcache.store.reader import FeatureStore, find_reusable_entry, reusable_rows
 from embedcache.store.writer import StoreWriter
 
@@ -42,7 +43,7 @@ def compute_entry(plan: ExtractionPlan, bb: Backbone, options: RunOptions,
                      labels=[s.label for s in samples], splits=[s.split for s in samples],
                      file_sizes=[s.size for s in samples], file_mtimes_ns=[s.mtime_ns for s in samples],
                      targets=plan.source.target_array(), target_names=plan.source.target_names,
-                     label_sets=plan.source.label_set_array()) as writer:
+                     label_sets=plan.source.label_set_array(), views=view_array(plan.source)) as writer:
         reused = _reuse_unchanged_rows(writer, plan) if options.incremental else 0
         batches = row_batches(writer.attempted, options.batch_size)
         with torch_threads(options.threads):

@@ -63,6 +63,8 @@ def extract(
     image_size: int | None = None,
     layers: str | list[str] | tuple[str, ...] | None = None,
     pools: str | list[str] | tuple[str, ...] | None = None,
+    views: int = 1,
+    augment: str | None = None,
     batch_size: int = 64,
     workers: int | None = None,
     threads: int | None = None,
@@ -100,6 +102,10 @@ def extract(
             or a list; the default features stay ``/features``. Part of the cache key.
         pools: the pooling of every ``layers`` node: avg, max, avgmax, cls (comma-separated or a
             list; default avg, ``last4``: cls and avg). Each (node, pool) is one set ``node:pool``.
+        views: views of every train image: its centre view plus ``views - 1`` augmented ones,
+            deterministic per image and view (val, test: the centre view only). In the key.
+        augment: what an augmented view is: ``flip``, ``crop`` or ``standard`` (the default
+            with ``views`` > 1); see :data:`~embedcache.sources.views.AUGMENTS`.
         batch_size: images per forward pass.
         workers: DataLoader decoding processes (0 = decode in this process).
         threads: the model's intra-op threads (default ``$EMBEDCACHE_THREADS``, else the cores
@@ -146,7 +152,7 @@ def extract(
                            store_dtype=store_dtype, cache_dir=cache_dir, unlabelled=unlabelled,
                            val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
                            targets=targets, worker_device="cuda" if ray_options and gpus_per_worker else None,
-                           runtime=runtime)
+                           runtime=runtime, views=views, augment=augment)
     options = RunOptions(batch_size, workers, threads, parse_max_errors(max_errors, len(plan.source)), max_errors,
                          incremental)
     warnings: list[str] = []

@@ -26,6 +26,7 @@ from embedcache.runtime import resolve_device_type, resolve_precision
 from embedcache.sources.base import ImageSource
 from embedcache.sources.decode import DECODER_VERSION
 from embedcache.sources.open import open_source
+from embedcache.sources.views import VIEWS_VERSION, ViewSource, check_views
 from embedcache.store.feature_sets import FEATURE_SETS_ATTR, feature_set_attr
 from embedcache.store.fingerprint import (
     cache_key,
@@ -111,6 +112,8 @@ class ExtractionPlan:
             "source": source.to_dict(),
             "class_names": list(source.class_names),
             **({FEATURE_SETS_ATTR: feature_set_attr(self.backbone.feature_sets)} if self.backbone.feature_sets else {}),
+            **({"views": source.views, "augment": source.augment, "n_images": source.n_images}
+               if isinstance(source, ViewSource) else {}),
         }
 
 
@@ -157,6 +160,8 @@ def plan_extraction(
     targets: list[str] | None = None,
     worker_device: str | None = None,
     runtime: str | None = None,
+    views: int = 1,
+    augment: str | None = None,
 ) -> ExtractionPlan:
     """Resolve everything that defines an entry (no model run); arguments as for
     :func:`~embedcache.extraction.extract.extract`, and ``worker_device``: the device type the
@@ -164,11 +169,16 @@ def plan_extraction(
     with a driver that may have no GPU); ``device`` is then not resolved here."""
     if store_dtype not in STORE_DTYPES:
         raise ConfigError(f"The 'store_dtype' parameter must be one of {list(STORE_DTYPES)}. Got {store_dtype!r}.")
+    views, augment = check_views(views, augment)
+    if views > 1 and isinstance(data, ViewSource):
+        raise ConfigError("The source already holds views; pass its base source, or views=1.")
     source = data if isinstance(data, ImageSource) else open_source(
         data, unlabelled=unlabelled, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
         targets=targets)
     if len(source) == 0:
         raise ConfigError(f"The data source {source.description!r} holds no images.")
+    if views > 1:
+        source = ViewSource(source, views, augment)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if cache_dir.exists() and not cache_dir.is_dir():
         raise CacheError(f"The cache directory {str(cache_dir)!r} is a file, not a directory. Pass --cache-dir DIR "
@@ -192,7 +202,9 @@ def _keyed_plan(source: ImageSource, spec: BackboneSpec, request: BackboneReques
                 device: str, precision: str, store_dtype: str, cache_dir: Path, runtime: str) -> ExtractionPlan:
     cfg_key = config_key(backbone={k: v for k, v in spec.to_dict().items() if k != "dim"},
                          preprocess=spec.preprocess.to_dict(), precision=precision, store_dtype=store_dtype,
-                         decoder_version=DECODER_VERSION, runtime=key_payload(runtime))
+                         decoder_version=DECODER_VERSION, runtime=key_payload(runtime),
+                         views=({"k": source.views, "augment": source.augment, "version": VIEWS_VERSION}
+                                if isinstance(source, ViewSource) else None))
     manifest = source.manifest_sha256()
     key = cache_key(config=cfg_key, manifest_sha256=manifest)
     final, partial, _ = entry_paths(cache_dir, key)

@@ -27,6 +27,7 @@ from embedcache.extraction.plan import ExtractionPlan
 from embedcache.fileio import named_write_errors
 from embedcache.models.backbone import Backbone
 from embedcache.models.runtimes import EXPORTS_DIR
+from embedcache.sources.views import view_array
 from embedcache.store.locking import EntryLock
 from embedcache.store.reader import FeatureStore
 from embedcache.store.schema import DEFAULT_SHARD_SIZE, entry_paths
@@ -157,6 +158,9 @@ def _static_columns(plan: ExtractionPlan) -> dict[str, Any]:
         static["target_names"] = list(plan.source.target_names)
     if label_sets is not None:
         static["label_sets"] = np.asarray(label_sets, dtype=np.uint8).reshape(len(samples), -1)
+    views = view_array(plan.source)
+    if views is not None:
+        static["view"] = views
     return static
 
 

@@ -68,11 +68,13 @@ def config_payload(
     store_dtype: str,
     decoder_version: str,
     runtime: dict[str, str] | None = None,
+    views: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything in the key except the data: two entries with equal config keys hold
     interchangeable rows for the same file, which is what incremental extraction relies on.
     ``runtime`` is the inference runtime when it is not torch (absent for torch, so entries
-    made before runtimes existed keep their keys)."""
+    made before runtimes existed keep their keys); ``views`` the augmented views of the train
+    images (``extract --views``; absent without them, for the same reason)."""
     payload = {
         "format_version": FORMAT_VERSION,
         "backbone": backbone,
@@ -84,6 +86,8 @@ def config_payload(
     }
     if runtime is not None:
         payload["runtime"] = runtime
+    if views is not None:
+        payload["views"] = views
     return payload
 
 

@@ -187,13 +187,13 @@ def attr_value(attributes: h5py.AttributeManager, key: str, default: Any = None)
 
 def attrs_digest(handle: h5py.File) -> str:
     """sha256 of the root attributes (but the digest itself), of ``/split``'s mapping and of the
-    target names of ``/targets`` and ``/label_sets`` when the entry has them."""
+    column names of ``/targets``, ``/label_sets`` and ``/view`` when the entry has them."""
     from embedcache.store.fingerprint import sha256_json
 
     root = {k: v for k, v in _decoded_attrs(handle.attrs).items() if k != ATTRS_SHA256}
     mapping = column_attr(handle, "split", "mapping")
     digested: dict[str, Any] = {"root": root, "split_mapping": mapping}
-    names = {name: column_attr(handle, name, "names") for name in ("targets", "label_sets") if name in handle}
+    names = {name: column_attr(handle, name, "names") for name in ("targets", "label_sets", "view") if name in handle}
     if names:  # only entries with targets: the digest of every other entry is unchanged
         digested["column_names"] = names
     return sha256_json(digested)

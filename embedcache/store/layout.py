@@ -46,8 +46,11 @@ ERROR_MESSAGE_BYTES = 512
 ERROR_CHUNK_ROWS = 16
 #: Datasets every entry has (a file named like an entry without one of them is damaged).
 REQUIRED_COLUMNS = ("features", "labels", "paths", "split", "done")
-#: Per-row datasets an entry has only when its source carries them (numeric targets, label sets).
-OPTIONAL_COLUMNS = ("targets", "label_sets")
+#: Per-row datasets an entry has only when its source carries them (numeric targets, label sets,
+#: augmented views: ``/view`` holds each row's centre-view row and view index).
+OPTIONAL_COLUMNS = ("targets", "label_sets", "view")
+#: The column names of ``/view``.
+VIEW_COLUMNS = ["origin", "view"]
 
 
 def unwritten_block_crcs(n: int, dim: int, store_dtype: str) -> np.ndarray:
@@ -80,7 +83,8 @@ def write_layout(handle: h5py.File, *, n: int, dim: int, store_dtype: str, stati
         values = static[name]
         column = create_checked(handle, name, data=values,
                                 chunks=(max(1, min(ROWS_PER_CHUNK, n)), max(1, values.shape[1])) if values.size else None)
-        names = static.get("target_names", []) if name == "targets" else attrs.get("class_names", [])
+        names = (static.get("target_names", []) if name == "targets" else VIEW_COLUMNS if name == "view"
+                 else attrs.get("class_names", []))
         set_attr(column.attrs, "names", json_attr(list(names)))
     create_checked(handle, "done", data=np.zeros(n, dtype=bool))
     errors = handle.create_group("errors")

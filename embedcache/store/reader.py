@@ -5,6 +5,7 @@ Every file is checked by :func:`~embedcache.store.hdf5.check_safe` before it is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ class FeatureStore:
             ``class_names``), or None.
         feature_sets: the extra feature sets (``extract --layers``), ``{name: (M, D_set)}``;
             ``features`` is the default set, ``penultimate``. See :meth:`select_features`.
+        views: the augmented views of the train images (``extract --views``), or None. Every
+            other array holds one row per image (its centre view); the views are kept apart so
+            that only a probe's training rows can use them.
     """
 
     path: Path
@@ -66,6 +70,7 @@ class FeatureStore:
     target_names: list[str] = field(default_factory=list)
     label_sets: np.ndarray | None = None
     feature_sets: dict[str, np.ndarray] = field(default_factory=dict)
+    views: ViewRows | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, allow_partial: bool = False) -> FeatureStore:
@@ -88,10 +93,12 @@ class FeatureStore:
                 errors = read_errors(handle)
                 optional, target_names = _read_targets(handle, path, arrays[-1])
                 optional["feature_sets"] = read_sets(handle, path, attrs, arrays[-1])
+                view_column = read_numbers(handle["view"], path)[arrays[-1]] if "view" in handle else None
             except READ_FAILURES as exc:  # a missing dataset or attribute, bad JSON, a damaged B-tree
                 raise CorruptEntryError(f"{str(path)!r} is a damaged cache entry ({type(exc).__name__}: {exc}). "
                                         f"`embedcache rm` removes it; extracting again recomputes it.") from exc
-        return cls(path, *arrays, attrs, errors, target_names=target_names, **optional)
+        store = cls(path, *arrays, attrs, errors, target_names=target_names, **optional)
+        return store if view_column is None else _split_views(store, view_column)
 
     @property
     def feature_set_names(self) -> list[str]:
@@ -130,6 +137,56 @@ class FeatureStore:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+@dataclass
+class ViewRows:
+    """The augmented views of an entry's train images (``extract --views K``).
+
+    Attributes:
+        features: ``(V, D)`` the default features of each view.
+        feature_sets: ``{name: (V, D_set)}`` the entry's extra feature sets, for each view.
+        origin: ``(V,)`` position (into the store's arrays) of the image each view is of.
+        index: ``(V,)`` the view number, 1 to K - 1 (view 0 is the image's own row).
+        rows: ``(V,)`` row index of each view in the file.
+    """
+
+    features: np.ndarray
+    feature_sets: dict[str, np.ndarray]
+    origin: np.ndarray
+    index: np.ndarray
+    rows: np.ndarray
+
+    def select_features(self, features: str | None = None) -> np.ndarray:
+        """The views' features of the set(s) named by ``features`` (as :meth:`FeatureStore.select_features`)."""
+        return select_features(self.features, self.feature_sets, features)
+
+    def of(self, positions: np.ndarray) -> np.ndarray:
+        """Indices (into these arrays) of the views of the images at ``positions``, in order."""
+        return np.flatnonzero(np.isin(self.origin, positions))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _split_views(store: FeatureStore, view_column: np.ndarray) -> FeatureStore:
+    """``store`` with one row per image, its augmented views moved to ``store.views``. A view
+    whose image has no row (it failed to decode) is dropped."""
+    origin_rows, index = view_column[:, 0], view_column[:, 1]
+    centre = index == 0
+    centre_rows = store.rows[centre]
+    view_mask = ~centre & np.isin(origin_rows, centre_rows)
+    origin = np.searchsorted(centre_rows, origin_rows[view_mask])
+    views = ViewRows(store.features[view_mask], {k: v[view_mask] for k, v in store.feature_sets.items()},
+                     origin.astype(np.int64), index[view_mask].astype(np.int64), store.rows[view_mask])
+
+    def pick(array: np.ndarray | None) -> np.ndarray | None:
+        return None if array is None else array[centre]
+
+    return dataclasses.replace(
+        store, features=store.features[centre], labels=store.labels[centre], paths=store.paths[centre],
+        splits=store.splits[centre], rows=centre_rows, targets=pick(store.targets), label_sets=pick(store.label_sets),
+        feature_sets={k: v[centre] for k, v in store.feature_sets.items()}, views=views)
 
 
 def _read_rows(handle: h5py.File, path: Path, dim: int) -> tuple[np.ndarray, ...]:

@@ -43,6 +43,7 @@ from embedcache.store.hdf5 import (
 from embedcache.store.layout import (
     ERROR_CHUNK_ROWS,
     ERROR_MESSAGE_BYTES,
+    OPTIONAL_COLUMNS,
     verify_written,
     write_layout,
 )
@@ -57,7 +58,7 @@ from embedcache.store.verify import verify_entry
 
 #: Per-row columns mapped onto the shards (the optional ones only when the entry has them).
 VIRTUAL_COLUMNS = ("features", "labels", "paths", "split", "file_size", "file_mtime_ns", "done", "targets",
-                   "label_sets")
+                   "label_sets", "view")
 #: A virtual dataset needs the 1.10 file format (the published file is written once, never resumed).
 VDS_LIBVER = ("v110", "v110")
 
@@ -192,7 +193,7 @@ def _write_virtual_entry(tmp: Path, *, shards: list[tuple[Path, int, int]], n: i
                          attrs: dict[str, Any], cache_key: str, shard_size: int) -> None:
     with h5py.File(shards[0][0], "r", locking=False) as first:
         columns = {name: (first[name].shape[1:], first[name].dtype) for name in VIRTUAL_COLUMNS if name in first}
-        names_attrs = {name: first[name].attrs.get("names") for name in ("targets", "label_sets") if name in first}
+        names_attrs = {name: first[name].attrs.get("names") for name in OPTIONAL_COLUMNS if name in first}
     widths = _string_widths(shards)
     errors = _gather_errors(shards)
     with h5py.File(tmp, "w", locking=False, libver=VDS_LIBVER) as handle:
@@ -210,7 +211,7 @@ def _write_virtual_entry(tmp: Path, *, shards: list[tuple[Path, int, int]], n: i
         stored = read_numbers(handle["features"], tmp)
         create_checked(handle, BLOCK_CRC32, data=block_crc32(stored))
         column_crc = {name: crc32(read_numbers(handle[name], tmp)) for name in CHECKED_COLUMNS}
-        for name in ("targets", "label_sets"):
+        for name in OPTIONAL_COLUMNS:
             if name in handle:
                 column_crc[name] = crc32(read_numbers(handle[name], tmp))
         root = {**attrs, "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "cache_key": cache_key,

@@ -87,6 +87,7 @@ class StoreWriter:
         targets: np.ndarray | None = None,
         target_names: Sequence[str] = (),
         label_sets: np.ndarray | None = None,
+        views: np.ndarray | None = None,
     ) -> None:
         if store_dtype not in STORE_DTYPES:
             raise ConfigError(
@@ -112,6 +113,8 @@ class StoreWriter:
             self._static["target_names"] = list(target_names)
         if label_sets is not None:
             self._static["label_sets"] = np.asarray(label_sets, dtype=np.uint8).reshape(n, -1)
+        if views is not None:  # (n, 2): centre-view row and view index of each row (extract --views)
+            self._static["view"] = np.asarray(views, dtype=np.int64).reshape(n, 2)
         self._lock = EntryLock(lock_path)
         self._handle: h5py.File | None = None
         self._pending_done: list[np.ndarray] = []

@@ -237,7 +237,7 @@ def test_a_probe_saved_on_a_set_predicts_with_that_set(entry, folder, tmp_path):
         probe(entry, features="features.1:avg+features.4:avg", out=tmp_path / "q")
 
 
-def test_probe_all_chooses_on_val_and_scores_test_once(entry, monkeypatch):
+def test_probe_all_chooses_on_val_and_scores_test_once(entry, monkeypatch, tmp_path):
     import embedcache.experiments.feature_sweep as sweep_mod
 
     scored = []
@@ -245,10 +245,16 @@ def test_probe_all_chooses_on_val_and_scores_test_once(entry, monkeypatch):
     monkeypatch.setattr(sweep_mod, "classification_report", lambda *a, **k: scored.append(1) or real(*a, **k))
     result = sweep_mod.probe_all_sets(entry, penalties=[1e-3, 1e-1])
     assert scored == [1]
-    assert {row["features"] for row in result.feature_sweep} == {"penultimate", *SETS}
-    assert len(result.feature_sweep) == 10 and result.features in {"penultimate", *SETS}
+    names = list(dict.fromkeys(row["features"] for row in result.feature_sweep))
+    assert names[:-1] == ["penultimate", *SETS]  # each set, then the concatenation of the distinct ones
+    assert names[-1].split("+")[0] == "penultimate" and set(names[-1].split("+")) <= {"penultimate", *SETS}
+    assert len(names[-1].split("+")) >= 2
+    assert len(result.feature_sweep) == 2 * len(names) and result.features in names
     best = max(r["val_top1"] for r in result.feature_sweep)
     assert max(r["val_top1"] for r in result.feature_sweep if r["features"] == result.features) == best
+    saved = sweep_mod.probe_all_sets(entry, penalties=[1e-3], out=tmp_path / "p")  # a saved probe: one set
+    assert {row["features"] for row in saved.feature_sweep} == {"penultimate", *SETS}
+    assert any("concatenation of every set is not a candidate" in note for note in saved.notes)
     with pytest.raises(ConfigError, match="--features all chooses the penalty on val itself; drop --penalty"):
         sweep_mod.probe_all_sets(entry, penalty=0.1)
     with pytest.raises(ConfigError, match=r"features='all' .* call embedcache.probe_all_sets"):

@@ -171,3 +171,15 @@ def test_the_shard_size_must_be_a_multiple_of_the_batch_size(folder, tmp_path):
 
     with pytest.raises(ConfigError, match=r"'shard_size' .* multiple of the batch size \(4\).*--shard-size 8"):
         _run(folder, tmp_path, engine="ray", shard_size=10)
+
+
+def test_views_on_ray_equal_the_single_process_views(cluster, folder, tmp_path):
+    """--views on the ray engine: the same rows, views and key as one process (the broken image's
+    views fail with it and are dropped)."""
+    local = _run(folder, tmp_path / "local", views=3, augment="crop")
+    sharded = _run(folder, tmp_path / "ray", views=3, augment="crop", engine="ray", shard_size=16)
+    assert sharded.cache_key == local.cache_key
+    assert np.array_equal(sharded.features, local.features)
+    assert np.array_equal(sharded.views.features, local.views.features)
+    assert np.array_equal(sharded.views.origin, local.views.origin) and len(local.views) > 0
+    assert CliRunner().invoke(main, ["verify", str(sharded.path)]).exit_code == 0
