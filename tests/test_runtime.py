@@ -133,6 +133,19 @@ def test_extract_records_its_threads(entry):
     assert store.stats.threads == 1 and store.attrs["extract_threads"] == 1 and store.attrs["extract_workers"] == 0
 
 
+def test_extract_and_predict_share_every_core_with_their_workers(tmp_path, cgroup, monkeypatch):
+    """The decoding workers are not subtracted: on 2 cores, 2 model threads beside 1 worker ran
+    1.5-1.7x faster idle than 1, and as fast with one core busy (docs/benchmarks.md)."""
+    import embedcache.extraction.extract as extract_module
+
+    monkeypatch.setattr(runtime, "available_cores", lambda: 3)
+    folder = make_image_folder(tmp_path / "data", per_class=8, split_dirs=True)
+    store = extract_module.extract(folder, backbone=TINY, workers=1, cache_dir=tmp_path / "c")
+    assert store.stats.threads == 3 and store.attrs["extract_workers"] == 1
+    probe(store, penalty=1e-3, out=tmp_path / "p")
+    assert predict(tmp_path / "p", [str(folder / "test")], workers=1, device="cpu").threads == 3
+
+
 def test_probe_fewshot_predict_record_their_threads(entry, tmp_path):
     folder, store = entry
     result = probe(store, penalty=1e-3, threads=1, out=tmp_path / "p")

@@ -31,6 +31,13 @@ from embedcache.heads.registry import HEADS
               help=f"Comma-separated heads, each probed on every backbone: {', '.join(HEADS)} "
                    f"(e.g. torch,knn,ridge: one leaderboard row per backbone and head).")
 @click.option("--image-size", type=int, default=None, help="Input size for backbones without @SIZE.")
+@click.option("--layers", default=None,
+              help="Also store these feature sets in every entry, as `extract --layers` (e.g. 'stages' for CNNs, "
+                   "'last4' for ViTs; a preset resolves per backbone).")
+@click.option("--pool", "pools", default=None, help="Pooling of the --layers nodes, as `extract --pool`.")
+@click.option("--features", default=None,
+              help="Feature set every probe trains on: a name, A+B, or 'all': per backbone, sweep every set "
+                   "(and their concatenation) with the penalty on val and report the winner [default: penultimate].")
 @batch_size_option
 @workers_option
 @threads_option
@@ -49,7 +56,8 @@ def bench_command(data: str, backbones: str, heads: str, out: Path | None, **opt
     each of --heads (penalty or k chosen on val only, refit on train+val, one test score).
     A second run of the same command only trains probes. Add `pixels` to see whether a
     backbone beats raw pixels, and e.g. `resnet18=none` for a randomly initialised network;
-    `--heads torch,knn,ridge` puts the L-BFGS, k-NN and ridge probes side by side.
+    `--heads torch,knn,ridge` puts the L-BFGS, k-NN and ridge probes side by side;
+    `--layers stages --features all` lets each backbone's row use its best layer (chosen on val).
     """
     from embedcache.experiments.bench import bench
     from embedcache.experiments.reports import leaderboard_table

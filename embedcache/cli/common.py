@@ -48,8 +48,8 @@ def _threads_value(_ctx: click.Context, _param: click.Parameter, value: str | No
 
 threads_option = click.option(
     "--threads", default=None, metavar="N", callback=_threads_value,
-    help=f"torch's intra-op threads (env: {THREADS_ENV}; default: the cores this process may use, less the "
-         f"decoding workers while images are decoded).")
+    help=f"torch's intra-op threads (env: {THREADS_ENV}; default: every core this process may use, "
+         f"shared with the decoding workers).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
 

@@ -134,7 +134,7 @@ def extract_command(data: str, no_incremental: bool, as_json: bool, target: str 
         click.echo(f"cache hit: {store.path} ({len(store)} rows x {store.attrs['dim']}, "
                    f"{stats.failed} failed) in {stats.seconds:.2f} s; no model ran.")
     else:
-        click.echo(_summary(stats, Path(store.path)))
+        click.echo(_summary(stats, Path(store.path), 0 if store.views is None else len(store.views)))
     if store.views is not None:
         click.echo(f"views: {store.attrs.get('views')} per train image ({store.attrs.get('augment')}): "
                    f"{len(store.views)} augmented rows besides the {len(store)} images")
@@ -146,14 +146,15 @@ def extract_command(data: str, no_incremental: bool, as_json: bool, target: str 
         click.echo(f"failures are listed by: embedcache info {store.path}", err=True)
 
 
-def _summary(stats: ExtractStats, path: Path) -> str:
+def _summary(stats: ExtractStats, path: Path, views: int = 0) -> str:
     rate = f", {stats.images_per_s:.0f} img/s" if stats.images_per_s else ""
     extra = []
     if stats.reused_rows:
         extra.append(f"{stats.reused_rows} reused from an older entry")
     if stats.resumed_rows:
         extra.append(f"{stats.resumed_rows} resumed")
-    return (f"extracted {stats.n} images ({stats.computed_rows} computed"
+    what = f"{stats.n - views} images + {views} views" if views else f"{stats.n} images"
+    return (f"extracted {what} ({stats.computed_rows} computed"
             f"{', ' + ', '.join(extra) if extra else ''}), {stats.failed} failed, "
             f"{stats.seconds:.1f} s{rate}, {stats.device}/{stats.precision}"
             f"{'' if stats.runtime == 'torch' else '/' + stats.runtime} -> {path}")

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from embedcache.errors import ConfigError
-from embedcache.experiments.protocol import probe
+from embedcache.experiments.feature_sweep import probe_all_sets
+from embedcache.experiments.protocol import ALL_SETS, probe
 from embedcache.experiments.reports import write_leaderboard
 from embedcache.extraction.extract import extract
-from embedcache.heads.registry import check_head
+from embedcache.heads.registry import LINEAR_HEADS, check_head
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class BenchRow:
     n_test: int
     extract_threads: int | None = None  # intra-op threads of the extraction (None: recorded by none)
     probe_threads: int | None = None
+    features: str = "penultimate"  # the feature set probed (with --features all: the one chosen on val)
 
 
 @dataclass
@@ -94,7 +96,8 @@ def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
           out: str | os.PathLike | None = None, batch_size: int = 64, workers: int | None = None,
           device: str = "auto", runtime: str | None = None, seed: int = 0, threads: int | None = None,
           progress: Callable[[str], None] | None = None,
-          extract_progress: Callable[[Any], None] | None = None) -> BenchResult:
+          extract_progress: Callable[[Any], None] | None = None, layers: str | list[str] | None = None,
+          pools: str | list[str] | None = None, features: str | None = None) -> BenchResult:
     """Leaderboard of probes across backbones (and heads) on one dataset.
 
     Args:
@@ -114,6 +117,10 @@ def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
             else the cores available, less the workers while extracting); recorded in each row.
         progress: called with one line per finished (backbone, head).
         extract_progress: passed to :func:`embedcache.extract` as its progress callback.
+        layers, pools: extra feature sets stored by every extraction (as ``extract --layers``,
+            ``--pool``; presets ``stages``/``last4`` resolve per backbone).
+        features: the set each probe trains on (a name, ``A+B``), or ``all``: every set and
+            their concatenation swept on val per backbone (linear heads), the winner in the row.
     """
     if not backbones:
         raise ConfigError("The 'backbones' list is empty; name at least one (e.g. efficientnet_lite0,pixels).")
@@ -121,20 +128,27 @@ def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
     names = list(dict.fromkeys(heads)) if heads else [head]
     for name in names:
         check_head(name)
+    if features == ALL_SETS and any(name not in LINEAR_HEADS for name in names):
+        raise ConfigError(f"--features all sweeps the linear heads ({', '.join(LINEAR_HEADS)}); got --heads "
+                          f"{','.join(names)}. Name one feature set with --features for the k-NN and ridge heads.")
     rows = []
     for item in items:
         store = extract(data, backbone=item.backbone, weights=item.weights,
                         image_size=image_size if item.image_size is None else item.image_size, cache_dir=cache_dir,
                         batch_size=batch_size, workers=workers, threads=threads, device=device, runtime=runtime,
-                        progress=extract_progress)
+                        progress=extract_progress, layers=layers, pools=pools)
         if store.task != "classes":
             raise ConfigError(f"bench ranks class labels by test top-1; {data!s} carries {store.task} targets. "
                               f"Use `embedcache probe ENTRY` for them.")
         for name in names:
-            rows.append(_row(item, store, probe(store, head=name, seed=seed, threads=threads)))
+            if features == ALL_SETS:
+                result = probe_all_sets(store, head=name, seed=seed, threads=threads)
+            else:
+                result = probe(store, head=name, seed=seed, threads=threads, features=features)
+            rows.append(_row(item, store, result))
             if progress:
                 row = rows[-1]
-                progress(f"{row.backbone} + {row.head}: test top-1 {row.test_top1:.4f} "
+                progress(f"{row.backbone} + {row.head} on {row.features}: test top-1 {row.test_top1:.4f} "
                          f"({'cache hit' if row.cache_hit else 'extracted'}, probe {row.probe_seconds:.1f} s)")
     rows.sort(key=lambda r: -r.test_top1)
     result = BenchResult(str(data), ",".join(names), seed, rows, names)
@@ -148,8 +162,8 @@ def _row(item: BackboneItem, store: Any, result: Any) -> BenchRow:
     return BenchRow(
         backbone=item.label, head=result.head, test_top1=result.metrics["top1"],
         test_balanced_accuracy=result.metrics["balanced_accuracy"], penalty=result.penalty,
-        k=result.chosen.get("k"), dim=int(store.attrs["dim"]), image_size=int(store.attrs["preprocess"]["crop_size"]),
+        k=result.chosen.get("k"), dim=int(store.select_features(result.features).shape[1]), image_size=int(store.attrs["preprocess"]["crop_size"]),
         weights=store.backbone.get("weights"), extract_images_per_s=None if not rate else float(rate),
         probe_seconds=result.total_seconds, cache_hit=store.cache_hit, cache=str(store.path),
         n_train=result.split_sizes["train"] + result.split_sizes["val"], n_test=result.split_sizes["test"],
-        extract_threads=store.attrs.get("extract_threads"), probe_threads=result.threads)
+        extract_threads=store.attrs.get("extract_threads"), probe_threads=result.threads, features=result.features)

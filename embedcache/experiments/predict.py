@@ -78,7 +78,7 @@ def predict(probe_path: str | os.PathLike, inputs: Sequence[str], *, top_k: int 
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ConfigError(f"The 'top_k' parameter must be a positive int. Got {top_k!r}.")
     workers = check_workers(workers)
-    with run_threads(threads, workers=workers) as count:
+    with run_threads(threads) as count:  # every core, as extract
         result = _predict(probe_path, list(inputs), top_k=top_k, batch_size=batch_size, workers=workers,
                           device=device, weights_path=weights_path, runtime=runtime, progress=progress)
     result.threads = count

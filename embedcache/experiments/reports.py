@@ -90,7 +90,8 @@ def save_curve_png(report: dict[str, Any], path: str) -> bool:
 
 
 LEADERBOARD_COLUMNS = [
-    ("backbone", "backbone", "{}"), ("head", "head", "{}"), ("test_top1", "test top-1", "{:.4f}"),
+    ("backbone", "backbone", "{}"), ("head", "head", "{}"), ("features", "features", "{}"),
+    ("test_top1", "test top-1", "{:.4f}"),
     ("penalty", "penalty", "{:.3g}"), ("k", "k", "{}"),
     ("dim", "dim", "{}"), ("image_size", "px", "{}"), ("extract_images_per_s", "extract img/s", "{:.0f}"),
     ("probe_seconds", "probe s", "{:.1f}"), ("cache_hit", "cache hit", "{}"),

@@ -109,7 +109,7 @@ def extract(
         batch_size: images per forward pass.
         workers: DataLoader decoding processes (0 = decode in this process).
         threads: the model's intra-op threads (default ``$EMBEDCACHE_THREADS``, else the cores
-            available to this process less ``workers``, at least 1; see
+            available to this process, the decoding workers not subtracted; see
             :func:`~embedcache.runtime.resolve_threads`).
         device: auto, cpu, cuda or mps.
         precision: auto, fp32, bf16 or fp16 (autocast dtype).
@@ -143,7 +143,7 @@ def extract(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"The 'batch_size' parameter must be a positive int. Got {batch_size!r}.")
     workers = check_workers(workers)
-    threads = resolve_threads(threads, workers=workers)
+    threads = resolve_threads(threads)  # every core: decoding workers share them (docs/benchmarks.md)
     ray_options = _engine_options(engine, batch_size, RayOptions(ray_address, shard_size, concurrency,
                                                                  gpus_per_worker))
     started = time.perf_counter()

@@ -45,3 +45,22 @@ def test_bench_leaderboard_and_rerun_only_trains_probes(folder, tmp_path):
 def test_zero_size_backbone_item_is_refused():
     with pytest.raises(ConfigError, match="positive int"):
         parse_backbone_item("pixels@0")
+
+
+def test_bench_features_all_picks_a_set_per_backbone_on_val(folder, tmp_path):
+    result = bench(folder, [TINY], cache_dir=tmp_path / "c", workers=0, layers="stages", features="all",
+                   out=tmp_path / "out")
+    (row,) = result.rows
+    from embedcache.store.reader import FeatureStore
+
+    store = FeatureStore.open(row.cache)
+    assert store.feature_sets  # the entry holds the stages
+    candidates = set(store.feature_set_names)
+    assert row.features in candidates or set(row.features.split("+")) <= candidates
+    assert row.dim == store.select_features(row.features).shape[1]
+    assert "features" in (tmp_path / "out" / "leaderboard.md").read_text()
+    one = bench(folder, [TINY], cache_dir=tmp_path / "c", workers=0, layers="stages",
+                features=store.feature_set_names[1], heads=["torch", "knn"])
+    assert {r.features for r in one.rows} == {store.feature_set_names[1]} and all(r.cache_hit for r in one.rows)
+    with pytest.raises(ConfigError, match="--features all sweeps the linear heads"):
+        bench(folder, [TINY], cache_dir=tmp_path / "c", workers=0, features="all", heads=["knn"])
