@@ -45,18 +45,27 @@ def _check_request(store: FeatureStore, head: str, options: dict[str, Any]) -> N
         raise ConfigError(f"--features all chooses the penalty on val itself; drop {', '.join('--' + g for g in given)}.")
 
 
+def _same_features(a: np.ndarray, b: np.ndarray, rows: int = 2048) -> bool:
+    """Whether two sets hold the same features up to rounding (the same node pooled by the model
+    and by embedcache differ in the last float16 bit), judged on evenly spaced rows."""
+    if a.shape != b.shape:
+        return False
+    pick = np.linspace(0, len(a) - 1, num=min(rows, len(a)), dtype=np.int64)
+    x, y = a[pick].astype(np.float32), b[pick].astype(np.float32)
+    scale = max(float(np.abs(x).max()), 1e-12)
+    return bool(np.abs(x - y).max() <= 1e-2 * scale)
+
+
 def _candidates(store: FeatureStore, *, saving: bool, notes: list[str]) -> list[str]:
     """Every set of the entry, then (with two or more distinct sets) their concatenation: earlier
     and later layers together often beat any one of them, and the choice stays on val. A set that
-    is bitwise the same as an earlier one (EfficientNet's ``stages`` end on the penultimate
-    features again) is left out of the concatenation. With ``saving`` (``--out``) the
+    holding the same features as an earlier one up to rounding (EfficientNet's ``stages`` end on
+    the penultimate features again) is left out of the concatenation. With ``saving`` (``--out``) the
     concatenation is no candidate: a saved probe rebuilds one set."""
     names = store.feature_set_names
     distinct: list[str] = []
     for name in names:
-        values = store.select_features(name)
-        if not any(store.select_features(d).shape == values.shape and np.array_equal(store.select_features(d), values)
-                   for d in distinct):
+        if not any(_same_features(store.select_features(d), store.select_features(name)) for d in distinct):
             distinct.append(name)
     if len(distinct) < 2:
         return names
