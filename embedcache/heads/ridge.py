@@ -102,7 +102,9 @@ class RidgeStatistics:
             self.shift = x.mean(dim=0)
         shifted = x - self.shift
         self.n += len(x)
-        self.sum_x += shifted.sum(dim=0, dtype=torch.float64)
+        # float32 within the block (the rows are shifted, so there is little to cancel), float64
+        # across blocks: a float64 reduction of the block cost 7x more (0.2 s of 0.8 on 54k x 1280)
+        self.sum_x += shifted.sum(dim=0).double()
         self.gram += gram(shifted).double()
         if labels is not None:
             index = torch.from_numpy(np.asarray(labels, dtype=np.int64).reshape(-1))
