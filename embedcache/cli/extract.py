@@ -21,7 +21,7 @@ from embedcache.cli.common import (
     workers_option,
 )
 from embedcache.models.pooling import POOLS
-from embedcache.sources.views import AUGMENTS
+from embedcache.sources.augments import AUGMENTS
 from embedcache.store.schema import DEFAULT_SHARD_SIZE, STORE_DTYPES
 
 if TYPE_CHECKING:

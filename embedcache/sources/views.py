@@ -20,17 +20,10 @@ import numpy as np
 from PIL import Image
 
 from embedcache.errors import ConfigError
+from embedcache.sources.augments import AUGMENTS, DEFAULT_AUGMENT
 from embedcache.sources.base import ImageSource, Sample
 from embedcache.splits import Split
 
-#: ``--augment`` choices: what one augmented view of an image is.
-AUGMENTS = {
-    "flip": "the mirror image (left-right); at most 2 views",
-    "crop": "a random box of 35-100% of the area, aspect 3/4-4/3, then the usual resize and centre crop",
-    "standard": "crop, then a left-right flip with probability 1/2",
-}
-#: The augmentation when ``--views`` is given without ``--augment``.
-DEFAULT_AUGMENT = "standard"
 #: Separator between an image's path and its view index in a view row's path.
 VIEW_MARK = "//view"
 #: Bumped whenever a view's pixels change for the same (path, view, augment): it is in the key.
