@@ -65,9 +65,9 @@ def resolve_runtime(runtime: str | None, device_type: str, *, backbone_name: str
     return runtime
 
 
-def openvino_version() -> str:
-    """OpenVINO's major.minor (from package metadata; nothing imported)."""
-    return ".".join(package_version("openvino").split(".")[:2])
+def major_minor(package: str) -> str:
+    """An installed package's ``major.minor`` (from its metadata; nothing imported)."""
+    return ".".join(package_version(package).split(".")[:2])
 
 
 def key_payload(runtime: str) -> dict[str, str] | None:
@@ -75,4 +75,4 @@ def key_payload(runtime: str) -> dict[str, str] | None:
     already in the key, and entries made before runtimes existed keep their keys)."""
     if runtime == "torch":
         return None
-    return {"name": runtime, "version": openvino_version()}
+    return {"name": runtime, "version": major_minor(runtime)}
