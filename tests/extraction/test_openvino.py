@@ -17,6 +17,7 @@ needs_openvino = pytest.mark.skipif(not runtimes.openvino_installed(),
 
 # ------------------------------------------------------------------ resolution (no openvino needed)
 def test_auto_is_openvino_on_a_cpu_when_installed_and_torch_otherwise(monkeypatch):
+    monkeypatch.setattr(runtimes, "onnxruntime_installed", lambda: False)  # tests/extraction/test_onnxruntime.py
     monkeypatch.setattr(runtimes, "openvino_installed", lambda: True)
     assert resolve_runtime("auto", "cpu", backbone_name="resnet50") == "openvino"
     assert resolve_runtime("auto", "cuda", backbone_name="resnet50") == "torch"
