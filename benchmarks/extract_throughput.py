@@ -1,14 +1,16 @@
 """Extraction throughput, measured side by side in one run on the same images.
 
     python benchmarks/extract_throughput.py [--n 2048] [--backbone efficientnet_lite0] [--weights TAG]
-                                            [--image-size 224] [--repeats 3] [--runtimes torch,openvino]
+                                            [--image-size 224] [--repeats 3]
+                                            [--runtimes torch,openvino,onnxruntime]
 
 Prints images/s for
   (a) ceiling   the model alone on preloaded, preprocessed tensors (same precision/layout as ours),
-                for torch and (when installed) the same export under plain OpenVINO
+                for torch and, per runtime asked for, its export under plain OpenVINO / plain
+                ONNX Runtime (ONNX Runtime at fp32, the only precision it runs)
   (b) ours      `embedcache.extract(...)` end to end from PNG files into a fresh cache entry, once
-                per runtime (OpenVINO with its export already cached: the export's one-off
-                seconds are printed separately)
+                per runtime (OpenVINO and ONNX Runtime with their exports already cached: each
+                export's one-off seconds are printed separately)
   (c) tutorial  the torchvision-tutorial loop: ImageFolder + Compose, fp32, NCHW, batch 32
 and the ratios b/a and b/c (medians over --repeats). Images are Fashion-MNIST test images written
 as PNG class folders (apt-get install dataset-fashion-mnist), or random images with --synthetic.
@@ -35,7 +37,7 @@ import embedcache
 from embedcache.models.build import get_backbone
 from embedcache.models.fuse import fold_batchnorms
 from embedcache.models.preprocess import normalize_batch, to_uint8_tensor
-from embedcache.models.runtimes import openvino_installed
+from embedcache.models.runtimes import openvino_installed, resolve_runtime_precision
 from embedcache.runtime import (
     default_workers,
     resolve_device,
@@ -98,20 +100,35 @@ def time_ceiling(bb, files: list[Path], batch_size: int, device, precision: str)
     return len(files) / (time.perf_counter() - started)
 
 
-def time_ceiling_openvino(bb, files: list[Path], batch_size: int, precision: str, exports: Path) -> float:
-    """Model-only under plain OpenVINO: the cached export, preloaded uint8 batches, forward passes timed."""
-    from embedcache.models.openvino_backbone import openvino_backbone
+#: The runtimes that run an export, and their labels.
+EXPORTED = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
 
+
+def exported_model(runtime: str, bb, exports: Path):
+    """``runtime``'s model of the export cached in ``exports`` (made on the first call), at the
+    precision ``extract`` gives it by default (OpenVINO: as torch; ONNX Runtime: fp32)."""
+    if runtime == "openvino":
+        from embedcache.models.openvino_backbone import openvino_backbone as build
+    else:
+        from embedcache.models.onnx_backbone import onnx_backbone as build
+    return build(bb, precision=resolve_runtime_precision(runtime, "auto", "cpu"), exports_dir=exports)
+
+
+def time_ceiling_exported(runtime: str, bb, files: list[Path], batch_size: int, exports: Path) -> float:
+    """Model-only under the plain runtime: the cached export, preloaded uint8 batches, forward passes timed."""
     batch = torch.stack([to_uint8_tensor(Image.open(f).convert("RGB"), bb.preprocess) for f in files])
-    model = openvino_backbone(bb, precision=precision, exports_dir=exports)
+    model = exported_model(runtime, bb, exports)
     model(batch[:batch_size])  # warm-up
     started = time.perf_counter()
     for start in range(0, len(files), batch_size):
         model(batch[start : start + batch_size])
-    return len(files) / (time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    model.close()
+    return len(files) / seconds
 
 
 def time_ours(root: Path, args, workers: int, runtime: str, exports: Path | None) -> tuple[float, dict]:
+    """``embedcache.extract`` end to end into a fresh cache (holding a copy of ``exports``)."""
     with tempfile.TemporaryDirectory() as cache:
         if exports is not None:  # the export is made once per backbone configuration: not timed here
             shutil.copytree(exports, Path(cache) / "exports")
@@ -159,7 +176,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--synthetic", action="store_true")
     parser.add_argument("--runtimes", default=None,
-                        help="comma-separated: torch, openvino (default: torch, and openvino when installed)")
+                        help="comma-separated: torch, openvino, onnxruntime (default: torch, and openvino "
+                             "when installed)")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args()
 
@@ -171,25 +189,25 @@ def main() -> None:
                 else ["torch"] + (["openvino"] if openvino_installed() and device.type == "cpu" else []))
     results: dict[str, list[float]] = {"ceiling": [], "tutorial": []}
     results.update({f"ours-{r}": [] for r in runtimes})
-    export_seconds = None
+    exported = [r for r in runtimes if r in EXPORTED]
+    export_seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"
         write_images(root, args.n, args.synthetic)
         files = image_files(root)
         exports = Path(tmp) / "exports"
-        if "openvino" in runtimes:
-            from embedcache.models.openvino_backbone import openvino_backbone
-
+        for runtime in exported:  # the one-off export, timed on its own
             started = time.perf_counter()
-            openvino_backbone(bb, precision=precision, exports_dir=exports).close()
-            export_seconds = time.perf_counter() - started
-            results["ceiling-openvino"] = []
+            exported_model(runtime, bb, exports).close()
+            export_seconds[runtime] = time.perf_counter() - started
+            results[f"ceiling-{runtime}"] = []
         for _ in range(args.repeats):
             results["ceiling"].append(time_ceiling(bb, files, args.batch_size, device, precision))
-            if "openvino" in runtimes:
-                results["ceiling-openvino"].append(time_ceiling_openvino(bb, files, args.batch_size, precision, exports))
+            for runtime in exported:
+                results[f"ceiling-{runtime}"].append(
+                    time_ceiling_exported(runtime, bb, files, args.batch_size, exports))
             for runtime in runtimes:
-                rate, stats = time_ours(root, args, workers, runtime, exports if runtime == "openvino" else None)
+                rate, stats = time_ours(root, args, workers, runtime, exports if runtime in EXPORTED else None)
                 results[f"ours-{runtime}"].append(rate)
             results["tutorial"].append(time_tutorial(root, bb, workers, device))
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -201,21 +219,22 @@ def main() -> None:
     print(f"images: {len(files)} PNG files, backbone {args.backbone} at {bb.preprocess.crop_size}px, "
           f"batch {args.batch_size}, workers {workers}, repeats {args.repeats} (median)")
     rows = [("ceiling", "(a) model only, preloaded, torch")]
-    if "ceiling-openvino" in results:
-        rows.append(("ceiling-openvino", "(a) model only, preloaded, OpenVINO"))
+    rows += [(f"ceiling-{r}", f"(a) model only, preloaded, {EXPORTED[r]}") for r in exported]
     rows += [(f"ours-{r}", f"(b) embedcache extract --runtime {r}") for r in runtimes]
     rows.append(("tutorial", "(c) tutorial loop, fp32 NCHW b32"))
     for name, label in rows:
         runs = ", ".join(f"{r:.0f}" for r in results[name])
         print(f"{label:<44} {med[name]:8.1f} img/s   runs: {runs}")
-    if export_seconds is not None:
-        print(f"OpenVINO export (once per backbone configuration, cached): {export_seconds:.1f} s")
-    ceiling = max(med["ceiling"], med.get("ceiling-openvino", 0.0))
+    for runtime, seconds in export_seconds.items():
+        print(f"{EXPORTED[runtime]} export (once per backbone configuration, cached): {seconds:.1f} s")
+    ceiling = max(med["ceiling"], *(med[f"ceiling-{r}"] for r in exported))
     print(f"best runtime: {best}; b/a = {med['ours'] / ceiling:.2f} (against the faster ceiling)   "
           f"b/c = {med['ours'] / med['tutorial']:.2f}")
-    if "ours-openvino" in med and "ours-torch" in med:
-        print(f"openvino / torch (end to end) = {med['ours-openvino'] / med['ours-torch']:.2f}   "
-              f"ours-openvino / plain OpenVINO model-only = {med['ours-openvino'] / med['ceiling-openvino']:.2f}")
+    for runtime in exported:
+        versus = (f"{runtime} / torch (end to end) = {med[f'ours-{runtime}'] / med['ours-torch']:.2f}   "
+                  if "ours-torch" in med else "")
+        print(f"{versus}ours-{runtime} / plain {EXPORTED[runtime]} model-only = "
+              f"{med[f'ours-{runtime}'] / med[f'ceiling-{runtime}']:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "runs": results, "median": med,
                                          "export_seconds": export_seconds, "b_over_a": med["ours"] / ceiling,

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from embedcache.errors import EmbedcacheError, StorageError
+from embedcache.models.runtimes import INSTALL_ONNX, INSTALL_OPENVINO, RUNTIMES
 from embedcache.runtime import DEVICES, PRECISIONS, THREADS_ENV, check_threads
 from embedcache.store.schema import CACHE_DIR_ENV
 
@@ -27,11 +28,14 @@ device_option = click.option("--device", type=click.Choice(DEVICES), default="au
 precision_option = click.option(
     "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
     help="Autocast precision; auto = bf16 on CPUs with native bf16, fp16 on GPUs, else fp32.")
+#: ``--runtime``'s choices (extract, bench, predict).
+runtime_choice = click.Choice(RUNTIMES)
 runtime_option = click.option(
-    "--runtime", type=click.Choice(("auto", "torch", "openvino")), default=None,
-    help="What runs the backbone: torch, or openvino (CPU only, pip install \"embedcache[openvino]\"). "
-         "Default: $EMBEDCACHE_RUNTIME, else auto = openvino on the CPU when installed, else torch. "
-         "A runtime other than torch is part of the cache key.")
+    "--runtime", type=runtime_choice, default=None,
+    help=f"What runs the backbone: torch, or on the CPU openvino ({INSTALL_OPENVINO}) or onnxruntime "
+         f"(fp32 only; {INSTALL_ONNX}). Default: $EMBEDCACHE_RUNTIME, else auto = on the CPU openvino when "
+         f"installed, else onnxruntime when installed (and --precision is auto or fp32), else torch. "
+         f"A runtime other than torch is part of the cache key.")
 batch_size_option = click.option("--batch-size", type=int, default=64, show_default=True,
                                  help="Images per forward pass (not in the cache key).")
 workers_option = click.option("--workers", type=int, default=None,

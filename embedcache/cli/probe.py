@@ -19,6 +19,7 @@ from embedcache.cli.common import (
     parse_floats,
     parse_ints,
     progress_bar,
+    runtime_choice,
     table,
     threads_option,
     warn_if_pickle,
@@ -170,9 +171,9 @@ def _feature_sweep_table(result: ProbeResult) -> str:
 @workers_option
 @threads_option
 @device_option
-@click.option("--runtime", type=click.Choice(("auto", "torch", "openvino")), default=None,
-              help="What runs the backbone. Default: $EMBEDCACHE_RUNTIME if set, else the runtime the "
-                   "probe's features were extracted with (torch where OpenVINO is not installed).")
+@click.option("--runtime", type=runtime_choice, default=None,
+              help="What runs the backbone (as for extract). Default: $EMBEDCACHE_RUNTIME if set, else the "
+                   "runtime the probe's features were extracted with (torch where that one is not installed).")
 @handle_errors
 def predict_command(probe_dir: Path, paths: tuple[str, ...], top_k: int, out_csv: Path | None,
                     **options: object) -> None:

@@ -111,7 +111,7 @@ def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
         batch_size: extraction batch size.
         workers: extraction decoding workers.
         device: extraction device.
-        runtime: extraction runtime (auto, torch, openvino; see ``extract``).
+        runtime: extraction runtime (auto, torch, openvino, onnxruntime; see ``extract``).
         seed: seed of the probe's validation hold-out.
         threads: torch's intra-op threads for extraction and probes (default ``$EMBEDCACHE_THREADS``,
             else the cores available, less the workers while extracting); recorded in each row.

@@ -14,7 +14,13 @@ from embedcache.errors import ConfigError
 from embedcache.experiments.artifacts import load_probe, normalise_class_name
 from embedcache.experiments.predict_targets import class_scores, target_outputs, truth_options
 from embedcache.extraction.loop import Progress, compute_features
-from embedcache.models.runtimes import EXPORTS_DIR, RUNTIME_ENV, openvino_installed, resolve_runtime
+from embedcache.models.runtimes import (
+    EXPORTS_DIR,
+    RUNTIME_ENV,
+    RUNTIME_PRECISIONS,
+    resolve_runtime,
+    runtime_installed,
+)
 from embedcache.runtime import check_workers, resolve_device, run_threads
 from embedcache.sources.base import FileSource, ImageSource, Sample
 from embedcache.sources.open import open_source
@@ -65,8 +71,10 @@ def predict(probe_path: str | os.PathLike, inputs: Sequence[str], *, top_k: int 
         top_k: classes returned per image.
         batch_size, workers, device: how the backbone runs.
         weights_path: the local weights file, when the probe's backbone used one.
-        runtime: auto, torch or openvino; None: ``$EMBEDCACHE_RUNTIME`` if set, else the runtime
-            the probe's features were extracted with (torch where OpenVINO is not available).
+        runtime: auto, torch, openvino or onnxruntime; None: ``$EMBEDCACHE_RUNTIME`` if set, else
+            the runtime the probe's features were extracted with (torch where that one is not
+            available). The recorded precision is used where the runtime runs it (ONNX Runtime:
+            fp32 only).
         progress: called after every batch.
         threads: the backbone's intra-op threads (default ``$EMBEDCACHE_THREADS``, else the cores
             available less ``workers``; see :func:`~embedcache.runtime.resolve_threads`).
@@ -91,13 +99,10 @@ def _predict(probe_path: str | os.PathLike, inputs: list[str], *, top_k: int, ba
     loaded = load_probe(probe_path)
     bb = loaded.build_backbone(weights_path)
     source = _open_inputs(list(inputs), **truth_options(loaded.metadata, list(inputs)))
-    precision = loaded.metadata.get("precision") or "auto"
-    if precision == "fp16" and resolve_device(device).type == "cpu":
-        precision = "auto"  # recorded on a GPU; CPUs have no fp16 autocast: use this machine's best
+    runtime, precision = _runtime_and_precision(runtime, loaded.metadata, device, bb.name)
     rows_idx, features, failures = compute_features(
         bb, source, batch_size=batch_size, workers=workers, device=device, precision=precision,
-        runtime=_runtime(runtime, loaded.metadata, device, bb.name), exports_dir=default_cache_dir() / EXPORTS_DIR,
-        progress=progress)
+        runtime=runtime, exports_dir=default_cache_dir() / EXPORTS_DIR, progress=progress)
     if loaded.metadata.get("task", "classes") != "classes":  # numeric targets, label sets: predict_targets.py
         return _target_result(loaded, source, rows_idx, features, failures)
     names = loaded.class_names
@@ -116,15 +121,21 @@ def _predict(probe_path: str | os.PathLike, inputs: list[str], *, top_k: int, ba
                          score_name=score_name)
 
 
-def _runtime(runtime: str | None, metadata: dict, device: str, backbone_name: str) -> str:
-    """The resolved runtime for ``predict`` (see its ``runtime`` argument)."""
+def _runtime_and_precision(runtime: str | None, metadata: dict, device: str, backbone_name: str) -> tuple[str, str]:
+    """The resolved runtime for ``predict`` (see its ``runtime`` argument) and the precision to
+    ask it for: the recorded one, unless this device or runtime cannot run it."""
     device_type = resolve_device(device).type
+    precision = metadata.get("precision") or "auto"
+    if precision == "fp16" and device_type == "cpu":
+        precision = "auto"  # recorded on a GPU; CPUs have no fp16 autocast: use this machine's best
     if runtime is None and not os.environ.get(RUNTIME_ENV):
-        recorded = metadata.get("runtime") or "torch"
-        if recorded == "openvino" and not (device_type == "cpu" and openvino_installed()):
-            recorded = "torch"  # the features agree to a cosine of ~0.9999 (docs/benchmarks.md)
-        return resolve_runtime(recorded, device_type, backbone_name=backbone_name)
-    return resolve_runtime(runtime, device_type, backbone_name=backbone_name)
+        runtime = metadata.get("runtime") or "torch"
+        if runtime != "torch" and not (device_type == "cpu" and runtime_installed(runtime)):
+            runtime = "torch"  # the features agree to a cosine of ~0.9999 (docs/benchmarks.md)
+    resolved = resolve_runtime(runtime, device_type, backbone_name=backbone_name, precision=precision)
+    if precision not in RUNTIME_PRECISIONS.get(resolved, (precision,)):
+        precision = "auto"  # recorded with another runtime (torch at bf16): this one's own precision
+    return resolved, precision
 
 
 def _target_result(loaded: object, source: ImageSource, rows_idx: np.ndarray, features: np.ndarray,

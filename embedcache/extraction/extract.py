@@ -113,8 +113,10 @@ def extract(
             :func:`~embedcache.runtime.resolve_threads`).
         device: auto, cpu, cuda or mps.
         precision: auto, fp32, bf16 or fp16 (autocast dtype).
-        runtime: auto, torch or openvino (None: ``$EMBEDCACHE_RUNTIME``, else auto: OpenVINO
-            on the CPU when it is installed); a runtime other than torch is in the cache key.
+        runtime: auto, torch, openvino or onnxruntime (None: ``$EMBEDCACHE_RUNTIME``, else auto:
+            on the CPU OpenVINO when it is installed, else ONNX Runtime when installed, else
+            torch; see :mod:`~embedcache.models.runtimes`); a runtime other than torch is in the
+            cache key. ONNX Runtime runs fp32 only (``precision`` auto resolves to it).
         store_dtype: float16 (default, half the disk) or float32.
         cache_dir: where entries live (default ``$EMBEDCACHE_DIR`` or ``./cache``).
         max_errors: fail when more images than this fail to decode (count, or fraction < 1).

@@ -24,7 +24,8 @@ from embedcache.errors import ConfigError, DecodeError
 from embedcache.models.backbone import Backbone
 from embedcache.models.fuse import fold_batchnorms
 from embedcache.models.preprocess import PreprocessSpec, normalize_batch, to_uint8_tensor
-from embedcache.runtime import autocast, resolve_device, resolve_precision, reuse_freed_memory
+from embedcache.models.runtimes import resolve_runtime_precision
+from embedcache.runtime import autocast, resolve_device, reuse_freed_memory
 from embedcache.sources.base import ImageSource
 
 #: Batches each DataLoader worker prepares ahead of the model.
@@ -155,13 +156,16 @@ def row_batches(attempted: np.ndarray, batch_size: int) -> list[list[int]]:
 def inference_module(bb: Backbone, device: torch.device, *, runtime: str = "torch", precision: str = "fp32",
                      exports_dir: Path | None = None) -> Any:
     """The backbone ready for inference on ``device``: for torch its module, BatchNorm folded,
-    channels-last; for ``runtime="openvino"`` the compiled export (cached in ``exports_dir``)."""
-    if runtime == "openvino":
-        from embedcache.models.openvino_backbone import openvino_backbone
-
+    channels-last; for ``runtime="openvino"`` or ``"onnxruntime"`` the runtime's model of the
+    export (cached in ``exports_dir``)."""
+    if runtime in ("openvino", "onnxruntime"):
         if exports_dir is None:
-            raise ConfigError("runtime='openvino' needs a directory for its exports (the cache directory).")
-        return openvino_backbone(bb, precision=precision, exports_dir=exports_dir)
+            raise ConfigError(f"runtime={runtime!r} needs a directory for its exports (the cache directory).")
+        if runtime == "openvino":
+            from embedcache.models.openvino_backbone import openvino_backbone as build
+        else:
+            from embedcache.models.onnx_backbone import onnx_backbone as build
+        return build(bb, precision=precision, exports_dir=exports_dir)
     model = fold_batchnorms(bb.module, input_size=bb.preprocess.crop_size).to(device)
     if device.type in ("cpu", "cuda"):
         model = model.to(memory_format=torch.channels_last)
@@ -174,7 +178,7 @@ def run_batches(module: Any | Deferred, dataset: ImageDataset, batches: Sequence
 
     Args:
         module: a module on ``device`` mapping normalised ``(N, 3, H, W)`` to ``(N, D)``, or a
-            compiled runtime (``takes_uint8``) mapping the uint8 batch to float32 numpy; or a
+            runtime's model (``takes_uint8``) mapping the uint8 batch to float32 numpy; or a
             :class:`Deferred` one, built after the workers have started.
         dataset: decodes rows (its ``spec`` is the preprocessing applied).
         batches: the rows of each batch.
@@ -221,13 +225,15 @@ def compute_features(bb: Backbone, source: ImageSource, *, batch_size: int = 64,
                      exports_dir: Path | None = None, progress: Callable[[Progress], None] | None = None
                      ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """Features of every image of ``source`` in memory, without the cache (used by predict);
-    ``runtime`` is a resolved runtime (``torch`` or ``openvino``, whose exports go to ``exports_dir``).
+    ``runtime`` is a resolved runtime (``torch``, or ``openvino`` or ``onnxruntime``, whose exports
+    go to ``exports_dir``), ``precision`` one it can run (see
+    :func:`~embedcache.models.runtimes.resolve_runtime_precision`).
 
     Returns:
         ``(rows, features (len(rows), D) float32, failures [(row, message)])``.
     """
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
+    prec = resolve_runtime_precision(runtime, precision, dev.type)
     batches = row_batches(np.zeros(len(source), dtype=bool), batch_size)
     rows, feats, failures = [], [], []
     started = time.perf_counter()

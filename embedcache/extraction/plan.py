@@ -21,8 +21,8 @@ from embedcache.errors import CacheError, ConfigError
 from embedcache.models.backbone import Backbone, BackboneSpec
 from embedcache.models.catalog import backbone_identity
 from embedcache.models.pooling import parse_layers, split_list
-from embedcache.models.runtimes import key_payload, resolve_runtime
-from embedcache.runtime import resolve_device_type, resolve_precision
+from embedcache.models.runtimes import key_payload, resolve_runtime, resolve_runtime_precision
+from embedcache.runtime import resolve_device_type
 from embedcache.sources.base import ImageSource
 from embedcache.sources.decode import DECODER_VERSION
 from embedcache.sources.open import open_source
@@ -74,7 +74,8 @@ class ExtractionPlan:
         backbone: the backbone's identity (from memory, or from building it once).
         request: how to build the backbone, or None when a built one was given (``built``).
         device, precision: where and how the model runs (resolved: ``cpu``/``cuda``/``mps``).
-        runtime: what runs the model (resolved: ``torch`` or ``openvino``; in the key unless torch).
+        runtime: what runs the model (resolved: ``torch``, ``openvino`` or ``onnxruntime``; in the
+            key unless torch).
         store_dtype: the on-disk dtype of the features.
         config_key: the key without the data (entries sharing it hold interchangeable rows).
         manifest_sha256: the data's identity.
@@ -193,9 +194,9 @@ def plan_extraction(
                                   layer, pool, image_size, tuple(parse_layers(layers)), tuple(split_list(pools)))
         spec, built = _backbone_spec(request, cache_dir)
     dev = worker_device or resolve_device_type(device)
-    resolved = resolve_runtime(runtime, dev, backbone_name=spec.name)
-    return _keyed_plan(source, spec, request, built, dev, resolve_precision(precision, dev), store_dtype, cache_dir,
-                       resolved)
+    resolved = resolve_runtime(runtime, dev, backbone_name=spec.name, precision=precision)
+    return _keyed_plan(source, spec, request, built, dev, resolve_runtime_precision(resolved, precision, dev),
+                       store_dtype, cache_dir, resolved)
 
 
 def _keyed_plan(source: ImageSource, spec: BackboneSpec, request: BackboneRequest | None, built: Backbone | None,

@@ -100,7 +100,7 @@ class ShardEmbedder:
                 self._maybe_fail()
                 # (M, H, W, 3) viewed as (M, 3, H, W): channels-last in memory, as the local loop stacks it
                 batch = torch.from_numpy(np.ascontiguousarray(images[rows])).permute(0, 3, 1, 2)
-                if getattr(self.module, "takes_uint8", False):  # a compiled runtime (OpenVINO)
+                if getattr(self.module, "takes_uint8", False):  # a runtime's model (OpenVINO, ONNX Runtime)
                     out[rows] = self.module(batch)
                 else:
                     out[rows] = self.module(model_input(batch, self.device, self.preprocess)).float().cpu().numpy()

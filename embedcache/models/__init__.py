@@ -13,4 +13,8 @@
 - :mod:`~embedcache.models.preprocess`: preprocessing as plain data, and applying it.
 - :mod:`~embedcache.models.efficientnet_lite`, :mod:`~embedcache.models.lite_weights`: the
   offline pretrained default, EfficientNet-Lite, and its weights.
+- :mod:`~embedcache.models.runtimes`: which inference runtime runs a backbone (torch, OpenVINO,
+  ONNX Runtime); :mod:`~embedcache.models.exports`: the exports they share, cached once per
+  configuration; :mod:`~embedcache.models.openvino_backbone`,
+  :mod:`~embedcache.models.onnx_backbone`: each runtime's model of the export.
 """

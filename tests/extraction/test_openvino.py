@@ -3,16 +3,13 @@ agreement with torch. Skipped, saying why, where openvino is not installed."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from embedcache.errors import ConfigError
 from embedcache.models import runtimes
 from embedcache.models.runtimes import resolve_runtime
 from embedcache.store.fingerprint import config_key
+from tests.extraction.runtime_helpers import run_cases
 
 needs_openvino = pytest.mark.skipif(not runtimes.openvino_installed(),
                                     reason='openvino is not installed (pip install "embedcache[openvino]")')
@@ -20,6 +17,7 @@ needs_openvino = pytest.mark.skipif(not runtimes.openvino_installed(),
 
 # ------------------------------------------------------------------ resolution (no openvino needed)
 def test_auto_is_openvino_on_a_cpu_when_installed_and_torch_otherwise(monkeypatch):
+    monkeypatch.setattr(runtimes, "onnxruntime_installed", lambda: False)  # tests/extraction/test_onnxruntime.py
     monkeypatch.setattr(runtimes, "openvino_installed", lambda: True)
     assert resolve_runtime("auto", "cpu", backbone_name="resnet50") == "openvino"
     assert resolve_runtime("auto", "cuda", backbone_name="resnet50") == "torch"
@@ -69,9 +67,4 @@ def test_openvino_runs_in_its_own_process(tmp_path):
     and efficientnet_lite0 on the demo data: cosine >= 0.999, probe accuracy within 0.3 points),
     the cached export (reused, a flipped byte or a planted symlink rebuilt), the CLI and predict's
     recorded runtime."""
-    cases = Path(__file__).with_name("openvino_cases.py")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o",
-                             "python_functions=case_*", "-W", "ignore::FutureWarning", str(cases)],
-                            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+    run_cases("openvino_cases.py")
