@@ -13,14 +13,13 @@ normalised relative path never holds ``//``), so every row of an entry has its o
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from embedcache.errors import ConfigError
-from embedcache.sources.augments import AUGMENTS, DEFAULT_AUGMENT
+from embedcache.sources.augments import AUGMENTS, DEFAULT_AUGMENT, random_crop_box
 from embedcache.sources.base import ImageSource, Sample
 from embedcache.splits import Split
 
@@ -31,8 +30,6 @@ VIEWS_VERSION = 1
 #: Most views per image (a guard against a typo multiplying the cache's size).
 MAX_VIEWS = 64
 
-_CROP_SCALE = (0.35, 1.0)
-_CROP_RATIO = (3 / 4, 4 / 3)
 
 
 def check_views(views: Any, augment: str | None) -> tuple[int, str | None]:
@@ -72,27 +69,10 @@ def augment_image(image: Image.Image, augment: str, seed: int) -> Image.Image:
     if augment == "flip":
         return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     rng = np.random.default_rng(seed)
-    image = image.crop(_crop_box(image.size, rng))
+    image = image.crop(random_crop_box(*image.size, rng))
     if augment == "standard" and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return image
-
-
-def _crop_box(size: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """A random box with an area of :data:`_CROP_SCALE` of the image and an aspect ratio
-    (log-uniform) in :data:`_CROP_RATIO`; the whole image when ten draws do not fit."""
-    width, height = size
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(*_CROP_SCALE)
-        ratio = math.exp(rng.uniform(math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1])))
-        w = int(round(math.sqrt(target * ratio)))
-        h = int(round(math.sqrt(target / ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            left = int(rng.integers(0, width - w + 1))
-            top = int(rng.integers(0, height - h + 1))
-            return left, top, left + w, top + h
-    return 0, 0, width, height
 
 
 class ViewSource(ImageSource):

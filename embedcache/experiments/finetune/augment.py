@@ -11,40 +11,14 @@ run was interrupted, so a resumed epoch sees the same crops as an uninterrupted 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from PIL import Image
 
 from embedcache.extraction.loop import ImageDataset
 from embedcache.models.preprocess import PIL_INTERPOLATION, PreprocessSpec, to_uint8_tensor
+from embedcache.sources.augments import random_crop_box
 from embedcache.sources.base import ImageSource
-
-#: Fraction of the image area a random crop keeps (milder than ImageNet training's 0.08: the
-#: network is already trained and the head starts from a probe).
-CROP_SCALE = (0.35, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
-
-
-def random_crop_box(width: int, height: int, rng: np.random.Generator, *,
-                    scale: tuple[float, float] = CROP_SCALE,
-                    ratio: tuple[float, float] = CROP_RATIO) -> tuple[int, int, int, int]:
-    """A ``(left, top, right, bottom)`` box with a random area fraction and aspect ratio."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            left = int(rng.integers(0, width - w + 1))
-            top = int(rng.integers(0, height - h + 1))
-            return left, top, left + w, top + h
-    side = min(width, height)  # fall back to the centred square
-    left, top = (width - side) // 2, (height - side) // 2
-    return left, top, left + side, top + side
 
 
 def augment_image(image: Image.Image, spec: PreprocessSpec, rng: np.random.Generator) -> torch.Tensor:
