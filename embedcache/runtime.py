@@ -5,8 +5,8 @@ library share. torch is imported inside the functions that need it, so that the 
 these choices without loading torch.
 
 Threads: the intra-op thread count is sized from the cores this process may really use (its CPU
-affinity and a cgroup CPU quota, :func:`available_cores`; :func:`resolve_threads`), less any
-cores a caller reserves; ``threads=`` or ``$EMBEDCACHE_THREADS`` override it. Extraction and predict do not subtract
+affinity and a cgroup CPU quota, :func:`available_cores`; :func:`resolve_threads`);
+``threads=`` or ``$EMBEDCACHE_THREADS`` override it. Extraction and predict do not subtract
 their decoding workers: with passive waiting, model threads and workers share the cores (on 2
 cores, 1.5-1.7x faster idle than one model thread, and as fast with one core busy).
 :func:`prefer_passive_waiting` makes idle OpenMP threads sleep instead of spinning, which is what
@@ -236,10 +236,9 @@ def check_threads(threads: int | str | None, *, what: str = "The 'threads' param
     return value
 
 
-def resolve_threads(threads: int | None = None, *, workers: int = 0) -> int:
+def resolve_threads(threads: int | None = None) -> int:
     """The intra-op thread count to run with: ``threads`` when given, else ``$EMBEDCACHE_THREADS``,
-    else :func:`available_cores` less ``workers`` (cores reserved for processes running beside the
-    model; extraction passes none), at least 1.
+    else :func:`available_cores` (decoding workers share those cores: see the module docstring).
 
     Raises:
         ConfigError: ``threads`` or the environment variable is not a whole number >= 1.
@@ -250,7 +249,7 @@ def resolve_threads(threads: int | None = None, *, workers: int = 0) -> int:
     from_env = check_threads(os.environ.get(THREADS_ENV) or None, what=f"The {THREADS_ENV} environment variable")
     if from_env is not None:
         return from_env
-    return max(1, available_cores() - max(0, workers))
+    return max(1, available_cores())
 
 
 def prefer_passive_waiting() -> bool:
@@ -293,10 +292,10 @@ def torch_threads(count: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def run_threads(threads: int | None = None, *, workers: int = 0) -> Iterator[int]:
+def run_threads(threads: int | None = None) -> Iterator[int]:
     """Run a command's work with :func:`resolve_threads` intra-op threads; yields the count (the
     reports record it)."""
-    count = resolve_threads(threads, workers=workers)
+    count = resolve_threads(threads)
     with torch_threads(count):
         yield count
 

@@ -70,14 +70,12 @@ def test_default_workers_follow_the_available_cores(cgroup, monkeypatch):
     assert runtime.default_workers() == 1
 
 
-def test_resolve_threads_argument_then_environment_then_cores_less_workers(cgroup, monkeypatch):
+def test_resolve_threads_argument_then_environment_then_cores(cgroup, monkeypatch):
     monkeypatch.setattr(runtime, "available_cores", lambda: 4)
     assert runtime.resolve_threads() == 4
-    assert runtime.resolve_threads(workers=1) == 3
-    assert runtime.resolve_threads(workers=9) == 1  # never fewer than one
     monkeypatch.setenv(runtime.THREADS_ENV, "2")
-    assert runtime.resolve_threads(workers=1) == 2
-    assert runtime.resolve_threads(3, workers=1) == 3
+    assert runtime.resolve_threads() == 2
+    assert runtime.resolve_threads(3) == 3
     monkeypatch.setenv(runtime.THREADS_ENV, "")
     assert runtime.resolve_threads() == 4  # empty = not set
 

@@ -20,6 +20,7 @@ from embedcache.experiments.protocol import ALL_SETS, probe
 from embedcache.experiments.reports import write_leaderboard
 from embedcache.extraction.extract import extract
 from embedcache.heads.registry import LINEAR_HEADS, check_head
+from embedcache.store.feature_sets import CONCAT
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
         runtime: extraction runtime (auto, torch, openvino, onnxruntime; see ``extract``).
         seed: seed of the probe's validation hold-out.
         threads: torch's intra-op threads for extraction and probes (default ``$EMBEDCACHE_THREADS``,
-            else the cores available, less the workers while extracting); recorded in each row.
+            else every core available); recorded in each row.
         progress: called with one line per finished (backbone, head).
         extract_progress: passed to :func:`embedcache.extract` as its progress callback.
         layers, pools: extra feature sets stored by every extraction (as ``extract --layers``,
@@ -157,12 +158,17 @@ def bench(data: str | os.PathLike, backbones: list[str], *, head: str = "torch",
     return result
 
 
+def _dim(store: Any, features: str) -> int:
+    """Columns of a feature set or of a ``+`` concatenation (without forming it)."""
+    return sum(int(store.select_features(name).shape[1]) for name in features.split(CONCAT))
+
+
 def _row(item: BackboneItem, store: Any, result: Any) -> BenchRow:
     rate = store.attrs.get("extract_images_per_s")
     return BenchRow(
         backbone=item.label, head=result.head, test_top1=result.metrics["top1"],
         test_balanced_accuracy=result.metrics["balanced_accuracy"], penalty=result.penalty,
-        k=result.chosen.get("k"), dim=int(store.select_features(result.features).shape[1]), image_size=int(store.attrs["preprocess"]["crop_size"]),
+        k=result.chosen.get("k"), dim=_dim(store, result.features), image_size=int(store.attrs["preprocess"]["crop_size"]),
         weights=store.backbone.get("weights"), extract_images_per_s=None if not rate else float(rate),
         probe_seconds=result.total_seconds, cache_hit=store.cache_hit, cache=str(store.path),
         n_train=result.split_sizes["train"] + result.split_sizes["val"], n_test=result.split_sizes["test"],

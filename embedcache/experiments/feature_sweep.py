@@ -20,13 +20,12 @@ from embedcache.experiments.artifacts import save_probe
 from embedcache.experiments.protocol import (
     DEFAULT_VAL_FRACTION,
     ProbeResult,
-    TrainViews,
-    add_train_views,
     artifact_view,
     fit_notes,
     open_store,
     split_for_probe,
 )
+from embedcache.experiments.train_views import TrainViews, add_train_views
 from embedcache.heads.metrics import classification_report
 from embedcache.heads.registry import LINEAR_HEADS, resolve_head
 from embedcache.heads.sweep import DEFAULT_PENALTIES, sweep_and_refit
@@ -58,7 +57,7 @@ def _same_features(a: np.ndarray, b: np.ndarray, rows: int = 2048) -> bool:
 
 def _candidates(store: FeatureStore, *, saving: bool, notes: list[str]) -> list[str]:
     """Every set of the entry, then (with two or more distinct sets) their concatenation: earlier
-    and later layers together often beat any one of them, and the choice stays on val. A set that
+    and later layers together often beat any one of them, and the choice stays on val. A set
     holding the same features as an earlier one up to rounding (EfficientNet's ``stages`` end on
     the penultimate features again) is left out of the concatenation. With ``saving`` (``--out``) the
     concatenation is no candidate: a saved probe rebuilds one set."""
@@ -118,10 +117,11 @@ def _probe_all_sets(entry: Any, *, head: str | None, penalties: Any, val_fractio
     for name in _candidates(store, saving=out is not None, notes=notes):
         features = check_features(store.select_features(name), name=f"feature set {name!r}")
         # the views of the train images (extract --views) join the training rows, those of val never
-        fitting, features, (fit_labels,), n_views = add_train_views(parts, TrainViews.of_store(store, name, views),
-                                                                    features, labels)
-        fit_rows = np.concatenate([fitting.train, fitting.val])
-        sweep, estimator = sweep_and_refit(features[fit_rows], fit_labels[fit_rows], len(fitting.train), head=head,
+        train, features, (fit_labels,), n_views = add_train_views(
+            parts.train, np.concatenate([parts.val, parts.test]), TrainViews.of_store(store, name, views),
+            features, labels)
+        fit_rows = np.concatenate([train, parts.val])
+        sweep, estimator = sweep_and_refit(features[fit_rows], fit_labels[fit_rows], len(train), head=head,
                                            penalties=penalties or DEFAULT_PENALTIES, standardize=standardize,
                                            device=device, max_iter=max_iter)
         table += [{"features": name, "dim": int(features.shape[1]), "penalty": p, "val_top1": a}

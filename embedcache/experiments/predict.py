@@ -77,7 +77,7 @@ def predict(probe_path: str | os.PathLike, inputs: Sequence[str], *, top_k: int 
             fp32 only).
         progress: called after every batch.
         threads: the backbone's intra-op threads (default ``$EMBEDCACHE_THREADS``, else the cores
-            available less ``workers``; see :func:`~embedcache.runtime.resolve_threads`).
+            available; see :func:`~embedcache.runtime.resolve_threads`).
 
     Returns:
         The predictions; ``accuracy`` when the inputs carry labels named like the probe's classes;

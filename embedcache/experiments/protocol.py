@@ -25,6 +25,7 @@ import numpy as np
 from embedcache.errors import ConfigError
 from embedcache.experiments.artifacts import save_probe
 from embedcache.experiments.head_fits import Rows, check_options, fit_head
+from embedcache.experiments.train_views import TrainViews, add_train_views
 from embedcache.heads.knn import DEFAULT_TEMPERATURE
 from embedcache.heads.metrics import classification_report
 from embedcache.heads.registry import LINEAR_HEADS, resolve_head
@@ -101,57 +102,6 @@ def split_for_probe(labels: np.ndarray, splits: np.ndarray, keys: np.ndarray, *,
         if np.intersect1d(rows_a, rows_b).size:  # an explicit check: it must survive python -O
             raise ConfigError(f"Internal error: the {a} and {b} rows of the probe overlap; nothing was fitted.")
     return ProbeSplit(train, val, test, val_source, float(val_fraction), int(seed))
-
-
-@dataclass(frozen=True)
-class TrainViews:
-    """Augmented views of some images (``extract --views``) offered to a probe's training rows:
-    ``features`` ``(V, D)`` and ``origin`` ``(V,)``, the position of the image each view is of."""
-
-    features: np.ndarray
-    origin: np.ndarray
-
-    @classmethod
-    def of_store(cls, store: FeatureStore, features: str | None = None, views: int | None = None
-                 ) -> TrainViews | None:
-        """The entry's views of the set(s) named by ``features``, or None when it has none (or
-        ``views`` is 1). ``views``: use the centre view and views ``1..views-1`` only (a view
-        does not depend on K, so view ``v`` of a ``--views 8`` entry is view ``v`` of ``--views 4``)."""
-        held = int(store.attrs.get("views", 1)) if store.views is not None else 1
-        if views is not None and (isinstance(views, bool) or not isinstance(views, (int, np.integer))
-                                  or not 1 <= views <= held):
-            raise ConfigError(f"The 'views' parameter (--views) must be an int from 1 (centre views only) to "
-                              f"{held} (the views this entry holds per train image). Got {views!r}.")
-        if store.views is None or len(store.views) == 0 or views == 1:
-            return None
-        keep = slice(None) if views is None else np.flatnonzero(store.views.index < views)
-        return cls(store.views.select_features(features)[keep], store.views.origin[keep])
-
-
-def add_train_views(parts: ProbeSplit, views: TrainViews | None, features: np.ndarray,
-                    *columns: np.ndarray | None) -> tuple[ProbeSplit, np.ndarray, list[np.ndarray | None], int]:
-    """Append every view as a row after the ``N`` image rows and add the views of the TRAIN
-    images (only those) to ``parts.train``; ``columns`` (labels, targets, ...) are copied from each
-    view's image. Returns ``(parts, features, columns, views used)``; unchanged without views.
-
-    A view of a val or test image is never a training row: checked explicitly (``python -O``
-    keeps the check), so a selection or a test score never sees an augmented copy of itself.
-    """
-    if views is None:
-        return parts, features, list(columns), 0
-    n = len(features)
-    if views.features.shape[1:] != features.shape[1:] or len(views.origin) != len(views.features):
-        raise ConfigError(f"The views' features {views.features.shape} do not match the images' {features.shape}; "
-                          f"the entry is damaged. `embedcache verify` checks it.")
-    used = np.flatnonzero(np.isin(views.origin, parts.train))
-    held = np.concatenate([parts.val, parts.test])
-    if np.isin(views.origin[used], held).any() or np.isin(views.origin[used], parts.train, invert=True).any():
-        raise ConfigError("Internal error: a view of a val or test image was about to become a training row; "
-                          "nothing was fitted.")
-    train = np.concatenate([parts.train, n + used])
-    merged = [None if c is None else np.concatenate([c, c[views.origin]]) for c in columns]
-    features = np.concatenate([features, views.features.astype(features.dtype, copy=False)])
-    return dataclasses.replace(parts, train=train), features, merged, len(used)
 
 
 @dataclass
@@ -342,8 +292,9 @@ def probe_arrays(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, k
     if task == "classes":
         check_labels(labels[parts.train], len(parts.train))
     image_sizes = parts.sizes()
-    parts, features, (labels, targets, label_sets), n_views = add_train_views(parts, views, features, labels,
-                                                                               targets, label_sets)
+    train, features, (labels, targets, label_sets), n_views = add_train_views(
+        parts.train, np.concatenate([parts.val, parts.test]), views, features, labels, targets, label_sets)
+    parts = dataclasses.replace(parts, train=train)
     sizes = {**image_sizes, **({"train_views": n_views} if views is not None else {})}
     if task != "classes" or head not in LINEAR_HEADS:
         fit = fit_head(task, head, features, Rows(parts.train, parts.val, parts.test), labels=labels,

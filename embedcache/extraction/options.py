@@ -51,7 +51,7 @@ class RunOptions:
 
     batch_size: int
     workers: int
-    threads: int  # intra-op threads of the model (resolve_threads: cores less the workers)
+    threads: int  # intra-op threads of the model (resolve_threads: every available core)
     max_errors: int | None
     max_errors_text: Any
     incremental: bool

@@ -16,6 +16,7 @@ are links or fail their sha256 is rebuilt, never trusted.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -146,7 +147,7 @@ def cached_export(bb: Backbone, exports_dir: Path, *, runtime: str, export_versi
     return directory, True
 
 
-class ExportedBackbone:
+class ExportedBackbone(abc.ABC):
     """A backbone run by a runtime from its export: ``backbone(images uint8 (N,3,H,W)
     channels-last) -> float32 (N, D)`` numpy, the interface
     :func:`~embedcache.extraction.loop.run_batches` calls (``takes_uint8``). Subclasses
@@ -157,13 +158,13 @@ class ExportedBackbone:
     def __init__(self, dim: int, *, exported: bool, directory: Path, threads: int) -> None:
         self.dim, self.exported, self.directory, self.threads = dim, exported, directory, threads
 
+    @abc.abstractmethod
     def infer(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``(N, H, W, 3)`` C-contiguous -> float32 ``(N, D)``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Release the runtime's model now (not whenever the garbage collector gets to it)."""
-        raise NotImplementedError
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
         hwc = images.permute(0, 2, 3, 1)  # the collated batch's own memory order: no copy

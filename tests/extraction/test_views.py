@@ -14,7 +14,8 @@ from PIL import Image
 from embedcache.cli import main
 from embedcache.errors import ConfigError
 from embedcache.experiments.head_artifacts import load_head
-from embedcache.experiments.protocol import ProbeSplit, TrainViews, add_train_views, probe
+from embedcache.experiments.protocol import ProbeSplit, probe
+from embedcache.experiments.train_views import TrainViews, add_train_views
 from embedcache.extraction.extract import extract
 from embedcache.sources.views import augment_image, check_views, view_seed
 from embedcache.splits import Split
@@ -105,15 +106,16 @@ def test_add_train_views_never_trains_on_val_or_test_views():
     parts = ProbeSplit(np.array([0, 1, 2, 3]), np.array([4, 5, 6]), np.array([7, 8, 9]), "cache", 0.0, 0)
     origin = np.repeat(np.arange(10), 2)
     views = TrainViews(features[origin] + 0.5, origin)
-    fitted, merged, (merged_labels,), used = add_train_views(parts, views, features, labels)
+    train, merged, (merged_labels,), used = add_train_views(parts.train, np.concatenate([parts.val, parts.test]),
+                                                            views, features, labels)
     assert used == 8
     assert len(merged) == 10 + 20
-    view_positions = fitted.train[fitted.train >= 10]
+    view_positions = train[train >= 10]
     assert set(origin[view_positions - 10].tolist()) == {0, 1, 2, 3}
     np.testing.assert_array_equal(merged_labels[view_positions], labels[origin[view_positions - 10]])
-    assert np.array_equal(fitted.val, parts.val) and np.array_equal(fitted.test, parts.test)
+    assert np.array_equal(train[:4], parts.train)
     # nothing of images 4..9 among the training rows' features
-    assert not np.isin(np.floor(merged[fitted.train, 0]), np.arange(4, 10)).any()
+    assert not np.isin(np.floor(merged[train, 0]), np.arange(4, 10)).any()
 
 
 def test_probe_trains_on_views_of_train_images_only(tmp_path, monkeypatch):
@@ -156,6 +158,28 @@ def test_knn_probe_on_views_saves_and_loads(tmp_path):
     loaded = load_head(meta, tmp_path / "knn")
     test = store.split_indices("test")
     np.testing.assert_array_equal(loaded.predict(store.features[test]), result.estimator.predict(store.features[test]))
+
+
+def test_knn_probe_on_fewer_views_saves_the_rows_it_used(tmp_path):
+    """probe --views 2 on a --views 3 entry: the saved references are exactly the rows fitted
+    (a view keeps its place, so its position still names its own file row)."""
+    folder = make_image_folder(tmp_path / "d", per_class=8, split_dirs=True)
+    store = _extract(folder, tmp_path / "c", views=3, augment="crop")
+    result = probe(store, head="knn", ks=[1, 3], views=2, out=tmp_path / "knn")
+    positions = np.asarray(result.reference_positions)
+    used_views = positions[positions >= len(store)] - len(store)
+    assert len(used_views) and (store.views.index[used_views] == 1).all()  # only view 1 trained
+    meta = json.loads((tmp_path / "knn" / "probe.json").read_text())
+    loaded = load_head(meta, tmp_path / "knn")
+    test = store.split_indices("test")
+    np.testing.assert_array_equal(loaded.predict(store.features[test]), result.estimator.predict(store.features[test]))
+    from safetensors.numpy import load_file
+
+    saved_rows = load_file(str(tmp_path / "knn" / "probe.safetensors"))["reference_rows"]
+    saved_views = saved_rows[saved_rows >= store.attrs["n_images"]]
+    np.testing.assert_array_equal(np.sort(saved_views), np.sort(store.views.rows[used_views]))
+    index_of_row = dict(zip(store.views.rows.tolist(), store.views.index.tolist(), strict=True))
+    assert {index_of_row[r] for r in saved_views.tolist()} == {1}
 
 
 def test_views_cli_and_info(tmp_path):

@@ -63,8 +63,6 @@ from embedcache.store.locking import EntryLock
 FORMAT = "embedcache-finetune"
 FORMAT_VERSION = 1
 CHECKPOINT, REPORT, WEIGHTS_FILE = "checkpoint.pt", "finetune.json", "backbone.safetensors"
-#: Cores left to the decoding workers while training (threads = available cores less this).
-TRAINING_RESERVED_CORES = 0
 
 
 @dataclass
@@ -159,7 +157,7 @@ def _resolve(probe: str | os.PathLike, data: str | os.PathLike, config: Finetune
              split_seed: int, split_check: dict[str, Any]) -> RunSetup:
     config = config.resolved()
     workers = check_workers(workers)
-    threads = resolve_threads(threads, workers=TRAINING_RESERVED_CORES)
+    threads = resolve_threads(threads)
     loaded = load_probe(probe)
     if config.head_penalty is None:  # keep the probe's own L2 penalty on the head
         config = dataclasses.replace(config, head_penalty=float(loaded.metadata.get("penalty") or 0.0))
