@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +22,7 @@ from embedcache.extraction.loop import (
 )
 from embedcache.extraction.options import ExtractStats, RunOptions, check_max_errors
 from embedcache.extraction.plan import ExtractionPlan
+from embedcache.extraction.writer_thread import WriterThread
 from embedcache.models.backbone import Backbone
 from embedcache.models.runtimes import EXPORTS_DIR
 from embedcache.runtime import torch_threads
@@ -30,6 +32,16 @@ from embedcache.store.writer import StoreWriter
 
 #: Commit progress (data, then done flags, then flush) every this many batches.
 COMMIT_EVERY_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class LoopTimes:
+    """Seconds of the inference loop, of the writer thread's writes, and of the loop waiting on
+    the writer (a full queue)."""
+
+    loop: float
+    write: float
+    write_wait: float
 
 
 def compute_entry(plan: ExtractionPlan, bb: Backbone, options: RunOptions,
@@ -47,13 +59,16 @@ def compute_entry(plan: ExtractionPlan, bb: Backbone, options: RunOptions,
         reused = _reuse_unchanged_rows(writer, plan) if options.incremental else 0
         batches = row_batches(writer.attempted, options.batch_size)
         with torch_threads(options.threads):
-            loop_seconds = _write_batches(plan, bb, writer, batches, options, progress)
+            times = _write_batches(plan, bb, writer, batches, options, progress)
+        loop_seconds = times.loop
         # a resumed run counts the failures recorded before it too
         check_max_errors(writer.n_failed, options, writer.recorded_failures(), plan.source)
         computed = sum(len(b) for b in batches)
         rate = computed / loop_seconds if computed and loop_seconds > 0 else None
         final_path = writer.finalize({"extract_seconds": loop_seconds, "extract_images_per_s": rate or 0.0,
-                                      "extract_threads": options.threads, "extract_workers": options.workers})
+                                      "extract_threads": options.threads, "extract_workers": options.workers,
+                                      "extract_write_seconds": times.write,
+                                      "extract_write_wait_seconds": times.write_wait})
         resumed, warnings = writer.resumed_rows, list(writer.warnings)
     store = FeatureStore.open(final_path)
     stats = ExtractStats(n=n, failed=len(store.errors), seconds=0.0, device=plan.device, precision=plan.precision,
@@ -63,33 +78,35 @@ def compute_entry(plan: ExtractionPlan, bb: Backbone, options: RunOptions,
 
 
 def _write_batches(plan: ExtractionPlan, bb: Backbone, writer: StoreWriter, batches: list[list[int]],
-                   options: RunOptions, progress: Callable[[Progress], None] | None) -> float:
-    """Run ``batches`` through the model into ``writer``; returns the loop's seconds."""
+                   options: RunOptions, progress: Callable[[Progress], None] | None) -> LoopTimes:
+    """Run ``batches`` through the model into ``writer`` (written by a :class:`WriterThread`, off
+    the model's critical path); returns the loop's times."""
     n = len(plan.source)
     computed = sum(len(b) for b in batches)
     attempted = int(writer.attempted.sum())
+    failed = writer.n_failed  # the loop's own count: the writer is the thread's until it is closed
     loop_started = time.perf_counter()
     device = torch.device(plan.device)
     module = Deferred(lambda: inference_module(bb, device, runtime=plan.runtime, precision=plan.precision,
                                                exports_dir=plan.cache_dir / EXPORTS_DIR))
     dataset = ImageDataset(plan.source, bb.preprocess)
-    for index, batch in enumerate(run_batches(module, dataset, batches, device=device,
-                                              precision=plan.precision, workers=options.workers)):
-        if batch.outputs is not None:
-            writer.write_rows(batch.rows, batch.outputs)
-        writer.record_errors(batch.failures)
-        attempted += len(batch.rows) + len(batch.failures)
-        if options.max_errors is not None and writer.n_failed > options.max_errors:
-            writer.commit()
-            check_max_errors(writer.n_failed, options, batch.failures, plan.source)
-        if (index + 1) % COMMIT_EVERY_BATCHES == 0:
-            writer.commit()
-        if progress is not None:
-            elapsed = time.perf_counter() - loop_started
-            done_now = attempted - (n - computed)
-            progress(Progress(done=attempted, total=n, failed=writer.n_failed,
-                              images_per_s=done_now / elapsed if elapsed > 0 else 0.0))
-    return time.perf_counter() - loop_started
+    with WriterThread(writer) as thread:
+        for index, batch in enumerate(run_batches(module, dataset, batches, device=device,
+                                                  precision=plan.precision, workers=options.workers)):
+            failed += len(batch.failures)  # rows not attempted before: every failure is new
+            attempted += len(batch.rows) + len(batch.failures)
+            too_many = options.max_errors is not None and failed > options.max_errors
+            thread.put(batch.rows, batch.outputs, batch.failures,
+                       commit=too_many or (index + 1) % COMMIT_EVERY_BATCHES == 0)
+            if too_many:
+                thread.close()
+                check_max_errors(writer.n_failed, options, batch.failures, plan.source)
+            if progress is not None:
+                elapsed = time.perf_counter() - loop_started
+                done_now = attempted - (n - computed)
+                progress(Progress(done=attempted, total=n, failed=failed,
+                                  images_per_s=done_now / elapsed if elapsed > 0 else 0.0))
+    return LoopTimes(time.perf_counter() - loop_started, thread.write_seconds, thread.wait_seconds)
 
 
 def _reuse_unchanged_rows(writer: StoreWriter, plan: ExtractionPlan) -> int:
