@@ -5,7 +5,7 @@
     python benchmarks/plain_loop.py FOLDER OUT.npy --runtime torch --backbone efficientnet_lite0
 
 It lists FOLDER's images (sorted), decodes each with PIL to uint8 (shorter side resized to
---resize, centre crop --crop, bilinear: the same decoding as ``embedcache extract``) in a thread
+--resize with --interpolation, centre crop --crop: the same decoding as ``embedcache extract``) in a thread
 pool of one thread per core that runs ahead of the model, stacks batches of --batch-size and runs:
 
 * ``openvino``: the given model (embedcache's cached export: uint8 NHWC in, normalisation and
@@ -42,24 +42,24 @@ from PIL import Image  # noqa: E402
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
-def decode(path: Path, resize: int, crop: int) -> np.ndarray:
-    """uint8 (crop, crop, 3): RGB, shorter side to ``resize`` (bilinear), centre crop."""
+def decode(path: Path, resize: int, crop: int, interpolation: str = "bilinear") -> np.ndarray:
+    """uint8 (crop, crop, 3): RGB, shorter side to ``resize`` (``interpolation``), centre crop."""
     with Image.open(path) as image:
         image = image.convert("RGB")
         w, h = image.size
         short, long = min(w, h), max(w, h)
         size = (resize, int(resize * long / short)) if w <= h else (int(resize * long / short), resize)
         if size != image.size:
-            image = image.resize(size, Image.Resampling.BILINEAR)
+            image = image.resize(size, Image.Resampling[interpolation.upper()])
         w, h = image.size
         left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
         return np.asarray(image.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
 
 
-def batches(files: list[Path], batch_size: int, resize: int, crop: int):
+def batches(files: list[Path], batch_size: int, resize: int, crop: int, interpolation: str):
     """Stacked uint8 batches in order, decoded by a thread pool ahead of the consumer."""
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        decoded = pool.map(lambda p: decode(p, resize, crop), files)
+        decoded = pool.map(lambda p: decode(p, resize, crop, interpolation), files)
         batch = []
         for array in decoded:
             batch.append(array)
@@ -112,14 +112,15 @@ def torch_model(backbone: str, weights: str | None, crop: int):
     return run
 
 
-def tutorial(folder: Path, backbone: str, weights: str | None, resize: int, crop: int) -> list[np.ndarray]:
+def tutorial(folder: Path, backbone: str, weights: str | None, resize: int, crop: int,
+             interpolation: str) -> list[np.ndarray]:
     import torch
     from torchvision import datasets, transforms
 
     from embedcache.models.build import get_backbone
 
     bb = get_backbone(backbone, weights=weights, image_size=crop)
-    transform = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop), transforms.ToTensor(),
+    transform = transforms.Compose([transforms.Resize(resize, transforms.InterpolationMode[interpolation.upper()]), transforms.CenterCrop(crop), transforms.ToTensor(),
                                     transforms.Normalize(bb.preprocess.mean, bb.preprocess.std)])
     dataset = datasets.ImageFolder(str(folder), transform=transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=os.cpu_count() or 1)
@@ -139,10 +140,11 @@ def main() -> None:
     parser.add_argument("--weights", default=None, help="torch only")
     parser.add_argument("--resize", type=int, default=256)
     parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--interpolation", choices=["nearest", "bilinear", "bicubic"], default="bilinear")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     if args.runtime == "tutorial":
-        features = tutorial(args.folder, args.backbone, args.weights, args.resize, args.crop)
+        features = tutorial(args.folder, args.backbone, args.weights, args.resize, args.crop, args.interpolation)
         np.save(args.out, np.concatenate(features))
         print(json.dumps({"images": sum(len(f) for f in features), "seconds": time.perf_counter() - STARTED}))
         return
@@ -157,7 +159,7 @@ def main() -> None:
         stream = (np.ascontiguousarray(images[i:i + args.batch_size]) for i in range(0, len(images), args.batch_size))
     else:
         files = sorted(p for p in args.folder.rglob("*") if p.suffix.lower() in EXTENSIONS)
-        stream = batches(files, args.batch_size, args.resize, args.crop)
+        stream = batches(files, args.batch_size, args.resize, args.crop, args.interpolation)
     features = [run(batch).astype(np.float16) for batch in stream]
     np.save(args.out, np.concatenate(features))
     print(json.dumps({"images": sum(len(f) for f in features), "seconds": time.perf_counter() - STARTED}))

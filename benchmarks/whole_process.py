@@ -10,7 +10,8 @@ round running every contender once in turn (paired, so drift hits all alike). Co
 
   ours-auto / ours-torch / ours-onnxruntime
                    ``embedcache extract FOLDER --runtime R`` into a fresh cache directory that holds
-                   the runtime's export already (exporting is once per backbone configuration)
+                   the runtime's export and the backbone's remembered identity already (what the
+                   first run of a configuration leaves; exporting is once per configuration)
   plain-openvino / plain-onnxruntime
                    benchmarks/plain_loop.py: PIL decoding in a thread pool, the same export under
                    the runtime's default settings
@@ -45,6 +46,8 @@ sys.path.insert(0, str(HERE))
 
 from extract_throughput import cpu_model, image_files, write_images  # noqa: E402
 
+#: The cache directory's memo of backbone identities (embedcache.store.memo.MEMO_NAME).
+MEMO = "backbone-specs.json"
 CONTENDERS = ("ours-auto", "ours-torch", "ours-onnxruntime", "plain-openvino", "plain-onnxruntime",
               "plain-torch", "tutorial", "ceiling-openvino")
 
@@ -73,19 +76,23 @@ def decode_all(files: list[Path], preprocess, dest: Path) -> None:
     np.save(dest, np.stack(arrays))
 
 
+def ours_command(args, root: Path, cache_dir: Path, runtime: str) -> list[str]:
+    cmd = [sys.executable, "-m", "embedcache", "extract", str(root), "--backbone", args.backbone,
+           "--cache-dir", str(cache_dir), "--runtime", runtime]
+    if args.weights:
+        cmd += ["--weights-tag", args.weights]
+    if args.image_size:
+        cmd += ["--image-size", str(args.image_size)]
+    return cmd
+
+
 def command(name: str, args, root: Path, work: Path, models: dict[str, Path], preprocess) -> list[str]:
     py = sys.executable
     if name.startswith("ours-"):
-        runtime = name.split("-", 1)[1]
-        cmd = [py, "-m", "embedcache", "extract", str(root), "--backbone", args.backbone,
-               "--cache-dir", str(work / "cache"), "--runtime", runtime]
-        if args.weights:
-            cmd += ["--weights-tag", args.weights]
-        if args.image_size:
-            cmd += ["--image-size", str(args.image_size)]
-        return cmd
+        return ours_command(args, root, work / "cache", name.split("-", 1)[1])
     plain = [py, str(HERE / "plain_loop.py")]
-    size = ["--resize", str(preprocess.resize_size), "--crop", str(preprocess.crop_size)]
+    size = ["--resize", str(preprocess.resize_size), "--crop", str(preprocess.crop_size),
+            "--interpolation", preprocess.interpolation]
     model = ["--backbone", args.backbone] + (["--weights", args.weights] if args.weights else [])
     out = str(work / f"{name}.npy")
     if name == "ceiling-openvino":
@@ -99,9 +106,11 @@ def command(name: str, args, root: Path, work: Path, models: dict[str, Path], pr
 def run_once(name: str, args, root: Path, work: Path, exports: Path, models, preprocess) -> float:
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
-    if name.startswith("ours-"):
+    if name.startswith("ours-"):  # what one earlier run of the configuration leaves: its export, its memo
         cache.mkdir(parents=True)
         shutil.copytree(exports, cache / "exports")
+        if (exports.parent / MEMO).exists():
+            shutil.copy(exports.parent / MEMO, cache / MEMO)
     cmd = command(name, args, root, work, models, preprocess)
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -135,16 +144,21 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        root, work, exports = tmp / "images", tmp / "work", tmp / "exports"
+        root, work, exports = tmp / "images", tmp / "work", tmp / "state" / "exports"
         work.mkdir()
         write_images(root, args.n, synthetic=False)
         files = image_files(root)
         models, preprocess = exports_for(args, exports)
+        # one earlier run of the configuration in the state directory: it remembers the backbone's identity
+        run = subprocess.run(ours_command(args, root, exports.parent, "torch"), capture_output=True, text=True)
+        if run.returncode != 0:
+            raise SystemExit(run.stderr[-3000:])
         decode_all(files, preprocess, work / "decoded.npy")
         if {"ours-auto", "plain-openvino"} <= set(contenders):  # the same work: compare the features
             run_once("ours-auto", args, root, work, exports, models, preprocess)
+            a = ours_features(work)
             run_once("plain-openvino", args, root, work, exports, models, preprocess)
-            a, b = ours_features(work), np.load(work / "plain-openvino.npy").astype(np.float32)
+            b = np.load(work / "plain-openvino.npy").astype(np.float32)
             cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
             print(f"ours-auto vs plain-openvino features: per-row cosine min {cos.min():.5f}, "
                   f"median {np.median(cos):.5f}")

@@ -7,28 +7,23 @@ run recomputes only what is missing, in the same batches as an uninterrupted run
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from embedcache.extraction.loop import (
-    Deferred,
-    ImageDataset,
-    Progress,
-    inference_module,
-    row_batches,
-    run_batches,
-)
+from embedcache.extraction.batches import Batch, Progress, row_batches
+from embedcache.extraction.exported_loop import compile_cached_export, run_exported_batches
 from embedcache.extraction.options import ExtractStats, RunOptions, check_max_errors
 from embedcache.extraction.plan import ExtractionPlan
 from embedcache.extraction.writer_thread import WriterThread
-from embedcache.models.backbone import Backbone
 from embedcache.models.runtimes import EXPORTS_DIR
-from embedcache.runtime import torch_threads
 from embedcache.sources.views import view_array
 from embedcache.store.reader import FeatureStore, find_reusable_entry, reusable_rows
 from embedcache.store.writer import StoreWriter
+
+if TYPE_CHECKING:
+    from embedcache.models.backbone import Backbone
 
 #: Commit progress (data, then done flags, then flush) every this many batches.
 COMMIT_EVERY_BATCHES = 4
@@ -44,10 +39,15 @@ class LoopTimes:
     write_wait: float
 
 
-def compute_entry(plan: ExtractionPlan, bb: Backbone, options: RunOptions,
-                  progress: Callable[[Progress], None] | None) -> tuple[FeatureStore, ExtractStats]:
+def compute_entry(plan: ExtractionPlan, bb: Backbone | None, options: RunOptions,
+                  progress: Callable[[Progress], None] | None, *, export: Path | None = None
+                  ) -> tuple[FeatureStore, ExtractStats]:
     """Write the plan's entry: resume a ``.partial``, copy unchanged rows, compute the rest,
-    publish; returns the entry (read back) and what was done (``seconds`` is the caller's)."""
+    publish; returns the entry (read back) and what was done (``seconds`` is the caller's).
+
+    ``bb``: the built backbone, run by the DataLoader loop; or None and ``export``: the cached
+    export's directory (:func:`~embedcache.extraction.exported_loop.find_cached_export`), run by
+    the loop that needs no torch."""
     samples = plan.source.samples
     n = len(samples)
     with StoreWriter(cache_dir=plan.cache_dir, cache_key=plan.cache_key, n=n, dim=plan.backbone.dim,
@@ -58,8 +58,7 @@ def compute_entry(plan: ExtractionPlan, bb: Backbone, options: RunOptions,
                      label_sets=plan.source.label_set_array(), views=view_array(plan.source)) as writer:
         reused = _reuse_unchanged_rows(writer, plan) if options.incremental else 0
         batches = row_batches(writer.attempted, options.batch_size)
-        with torch_threads(options.threads):
-            times = _write_batches(plan, bb, writer, batches, options, progress)
+        times = _write_batches(plan, writer, batches, options, progress, bb=bb, export=export)
         loop_seconds = times.loop
         # a resumed run counts the failures recorded before it too
         check_max_errors(writer.n_failed, options, writer.recorded_failures(), plan.source)
@@ -68,7 +67,8 @@ def compute_entry(plan: ExtractionPlan, bb: Backbone, options: RunOptions,
         final_path = writer.finalize({"extract_seconds": loop_seconds, "extract_images_per_s": rate or 0.0,
                                       "extract_threads": options.threads, "extract_workers": options.workers,
                                       "extract_write_seconds": times.write,
-                                      "extract_write_wait_seconds": times.write_wait})
+                                      "extract_write_wait_seconds": times.write_wait,
+                                      "extract_loop": "dataloader" if export is None else "threads"})
         resumed, warnings = writer.resumed_rows, list(writer.warnings)
     store = FeatureStore.open(final_path)
     stats = ExtractStats(n=n, failed=len(store.errors), seconds=0.0, device=plan.device, precision=plan.precision,
@@ -77,8 +77,30 @@ def compute_entry(plan: ExtractionPlan, bb: Backbone, options: RunOptions,
     return store, stats
 
 
-def _write_batches(plan: ExtractionPlan, bb: Backbone, writer: StoreWriter, batches: list[list[int]],
-                   options: RunOptions, progress: Callable[[Progress], None] | None) -> LoopTimes:
+def _stream(plan: ExtractionPlan, batches: list[list[int]], options: RunOptions, bb: Backbone | None,
+            export: Path | None) -> Iterator[Batch]:
+    """The batches through the model: the cached export's torch-free loop, or the DataLoader loop."""
+    if export is not None:
+        yield from run_exported_batches(lambda: compile_cached_export(plan, export, options.threads), plan.source,
+                                        plan.backbone.preprocess, batches,
+                                        decoders=options.threads if options.workers > 0 else 0)
+        return
+    import torch
+
+    from embedcache.extraction.loop import Deferred, ImageDataset, inference_module, run_batches
+    from embedcache.runtime import torch_threads
+
+    device = torch.device(plan.device)
+    module = Deferred(lambda: inference_module(bb, device, runtime=plan.runtime, precision=plan.precision,
+                                               exports_dir=plan.cache_dir / EXPORTS_DIR))
+    with torch_threads(options.threads):
+        yield from run_batches(module, ImageDataset(plan.source, bb.preprocess), batches, device=device,
+                               precision=plan.precision, workers=options.workers)
+
+
+def _write_batches(plan: ExtractionPlan, writer: StoreWriter, batches: list[list[int]], options: RunOptions,
+                   progress: Callable[[Progress], None] | None, *, bb: Backbone | None,
+                   export: Path | None) -> LoopTimes:
     """Run ``batches`` through the model into ``writer`` (written by a :class:`WriterThread`, off
     the model's critical path); returns the loop's times."""
     n = len(plan.source)
@@ -86,13 +108,8 @@ def _write_batches(plan: ExtractionPlan, bb: Backbone, writer: StoreWriter, batc
     attempted = int(writer.attempted.sum())
     failed = writer.n_failed  # the loop's own count: the writer is the thread's until it is closed
     loop_started = time.perf_counter()
-    device = torch.device(plan.device)
-    module = Deferred(lambda: inference_module(bb, device, runtime=plan.runtime, precision=plan.precision,
-                                               exports_dir=plan.cache_dir / EXPORTS_DIR))
-    dataset = ImageDataset(plan.source, bb.preprocess)
     with WriterThread(writer) as thread:
-        for index, batch in enumerate(run_batches(module, dataset, batches, device=device,
-                                                  precision=plan.precision, workers=options.workers)):
+        for index, batch in enumerate(_stream(plan, batches, options, bb, export)):
             failed += len(batch.failures)  # rows not attempted before: every failure is new
             attempted += len(batch.rows) + len(batch.failures)
             too_many = options.max_errors is not None and failed > options.max_errors

@@ -5,7 +5,9 @@
 2. Rows already present are kept: a ``.partial`` from an interrupted run resumes, rows of
    unchanged files are copied from an older entry of the same configuration.
 3. The rest runs through the inference loop (:mod:`embedcache.extraction.compute`, imported only
-   then: a cache hit loads no torch) and is written by index, committed every few batches; a
+   then: a cache hit loads no torch; nor does a run whose compiled runtime finds its export
+   cached, :mod:`embedcache.extraction.exported_loop`) and is written by index by a writer
+   thread, committed every few batches; a
    resumed run recomputes only what is missing, in the same batches as an uninterrupted run, so
    its features are bitwise identical.
 """
@@ -161,6 +163,16 @@ def extract(
     hit = _cache_hit(plan, options, started, warnings)
     if hit is not None:
         return hit
+    export = None
+    if ray_options is None:
+        from embedcache.extraction.exported_loop import find_cached_export
+
+        export = find_cached_export(plan)
+    if export is not None:  # a compiled runtime whose export is cached: no torch, no torch model
+        from embedcache.extraction.compute import compute_entry
+
+        store, stats = compute_entry(plan, None, options, progress, export=export)
+        return _computed(store, stats, started, warnings)
     bb, plan = build_backbone(plan)
     hit = _cache_hit(plan, options, started, warnings)  # the remembered identity was stale: the true key
     if hit is not None:
@@ -175,6 +187,10 @@ def extract(
         )
 
         store, stats = compute_entry(plan, bb, options, progress)
+    return _computed(store, stats, started, warnings)
+
+
+def _computed(store: FeatureStore, stats: ExtractStats, started: float, warnings: list[str]) -> ExtractResult:
     stats.seconds = time.perf_counter() - started
     stats.warnings[:0] = warnings
     return ExtractResult(**vars(store), cache_hit=False, stats=stats)

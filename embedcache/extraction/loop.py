@@ -13,14 +13,14 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from embedcache.errors import ConfigError, DecodeError
+from embedcache.errors import ConfigError
+from embedcache.extraction.batches import Batch, Progress, decode_row, row_batches
 from embedcache.models.backbone import Backbone
 from embedcache.models.fuse import fold_batchnorms
 from embedcache.models.preprocess import PreprocessSpec, normalize_batch, to_uint8_tensor
@@ -31,25 +31,8 @@ from embedcache.sources.base import ImageSource
 #: Batches each DataLoader worker prepares ahead of the model.
 PREFETCH_BATCHES = 4
 
-
-@dataclass
-class Progress:
-    """What a progress callback receives after every batch."""
-
-    done: int  # rows attempted so far in this run (including reused/resumed)
-    total: int
-    failed: int
-    images_per_s: float
-
-
-@dataclass
-class Batch:
-    """One batch out of the loop: ``outputs`` is ``(len(rows), D)`` float32, None when every
-    image of the batch failed."""
-
-    rows: np.ndarray
-    outputs: np.ndarray | None
-    failures: list[tuple[int, str]]
+__all__ = ["Batch", "Deferred", "ImageDataset", "Progress", "collate_images", "compute_features", "image_loader",
+           "inference_module", "input_buffer", "model_input", "row_batches", "run_batches"]
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -66,12 +49,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            return index, self.tensor(index), None
-        except DecodeError as exc:
-            return index, None, str(exc)
-        except Exception as exc:  # noqa: BLE001 - one bad image must never stop the loop
-            return index, None, f"{type(exc).__name__}: {exc}"
+        return decode_row(self.tensor, index)
 
     def tensor(self, index: int) -> torch.Tensor:
         """Item ``index`` as a uint8 ``(3, H, W)`` tensor; subclasses change what is loaded and how."""
@@ -139,18 +117,6 @@ def input_buffer(buffer: torch.Tensor | None, images: torch.Tensor, device: torc
     if buffer is not None and buffer.shape[1:] == images.shape[1:] and len(buffer) >= len(images):
         return buffer
     return torch.empty(tuple(images.shape), dtype=torch.float32, memory_format=torch.channels_last)
-
-
-def row_batches(attempted: np.ndarray, batch_size: int) -> list[list[int]]:
-    """Index ranges ``[k*B, (k+1)*B)`` minus attempted rows; whole-batch commits keep a resumed
-    run's batches identical to an uninterrupted run's."""
-    out = []
-    n = len(attempted)
-    for start in range(0, n, batch_size):
-        rows = [i for i in range(start, min(n, start + batch_size)) if not attempted[i]]
-        if rows:
-            out.append(rows)
-    return out
 
 
 def inference_module(bb: Backbone, device: torch.device, *, runtime: str = "torch", precision: str = "fp32",

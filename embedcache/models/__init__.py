@@ -14,7 +14,8 @@
 - :mod:`~embedcache.models.efficientnet_lite`, :mod:`~embedcache.models.lite_weights`: the
   offline pretrained default, EfficientNet-Lite, and its weights.
 - :mod:`~embedcache.models.runtimes`: which inference runtime runs a backbone (torch, OpenVINO,
-  ONNX Runtime); :mod:`~embedcache.models.exports`: the exports they share, cached once per
-  configuration; :mod:`~embedcache.models.openvino_backbone`,
+  ONNX Runtime); :mod:`~embedcache.models.exports`: exporting for them (torch);
+  :mod:`~embedcache.models.export_cache`: the exports they share, cached once per configuration
+  and found again without torch; :mod:`~embedcache.models.openvino_backbone`,
   :mod:`~embedcache.models.onnx_backbone`: each runtime's model of the export.
 """

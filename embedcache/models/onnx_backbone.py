@@ -1,6 +1,7 @@
 """The frozen backbone as an ONNX Runtime session: exported once per configuration, then loaded.
 
-The export and its cache are shared with OpenVINO (:mod:`embedcache.models.exports`: uint8
+The export and its cache are shared with OpenVINO (:mod:`embedcache.models.exports`,
+:mod:`embedcache.models.export_cache`: uint8
 channels-last input normalised inside the graph, BatchNorm folded, a fixed input size and a
 dynamic batch dimension). ONNX Runtime's exports live in ``<cache_dir>/exports/<key16>.onnx/``
 (``model.onnx`` with its weights inside, ``export.json``), keyed by the backbone's identity and
@@ -19,15 +20,17 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from embedcache.errors import ConfigError
-from embedcache.models.backbone import Backbone
-from embedcache.models.exports import ExportedBackbone, cached_export, exportable
+from embedcache.models.backbone import BackboneSpec
+from embedcache.models.export_cache import ExportedBackbone, cached_export, find_export
 from embedcache.models.runtimes import INSTALL_ONNX, RUNTIME_PRECISIONS
+
+if TYPE_CHECKING:
+    from embedcache.models.backbone import Backbone
 
 #: Bump when the exported graph changes (old exports are then ignored, not reused).
 EXPORT_VERSION = 1
@@ -52,6 +55,10 @@ def _fold_weight_pads(node: Any) -> bool | None:
 
 def _export(bb: Backbone, directory: Path) -> None:
     """Export the folded backbone (uint8 input, dynamic batch) to ``directory/model.onnx``."""
+    import torch
+
+    from embedcache.models.exports import exportable
+
     wrapped, example = exportable(bb)
     batch = torch.export.Dim("batch", min=1)
     try:
@@ -70,7 +77,7 @@ def _export(bb: Backbone, directory: Path) -> None:
 
 
 class OnnxRuntimeBackbone(ExportedBackbone):
-    """An ONNX Runtime session of the backbone (see :class:`~embedcache.models.exports.ExportedBackbone`)."""
+    """An ONNX Runtime session of the backbone (see :class:`~embedcache.models.export_cache.ExportedBackbone`)."""
 
     def __init__(self, session: Any, dim: int, *, exported: bool, directory: Path, threads: int) -> None:
         super().__init__(dim, exported=exported, directory=directory, threads=threads)
@@ -100,21 +107,52 @@ def session_options(ort: Any, threads: int) -> Any:
     return options
 
 
+def _import_ort() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ConfigError(f"runtime='onnxruntime' needs the onnxruntime package: {INSTALL_ONNX}.") from exc
+    return ort
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in RUNTIME_PRECISIONS["onnxruntime"]:
+        raise ConfigError(f"runtime='onnxruntime' supports precisions {list(RUNTIME_PRECISIONS['onnxruntime'])}. "
+                          f"Got {precision!r}; pass --precision fp32 (or auto), or --runtime torch.")
+
+
+def _session(ort: Any, directory: Path, dim: int, threads: int, exported: bool) -> OnnxRuntimeBackbone:
+    session = ort.InferenceSession(str(directory / MODEL_FILE), sess_options=session_options(ort, threads),
+                                   providers=["CPUExecutionProvider"])
+    return OnnxRuntimeBackbone(session, dim, exported=exported, directory=directory, threads=threads)
+
+
 def onnx_backbone(bb: Backbone, *, precision: str, exports_dir: Path, threads: int | None = None
                   ) -> OnnxRuntimeBackbone:
     """The backbone as an ONNX Runtime CPU session, exporting it first unless a valid export is
     cached in ``exports_dir``; ``precision`` must be a resolved precision ONNX Runtime runs
     (fp32); ``threads`` defaults to torch's intra-op thread count (the thread policy's)."""
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise ConfigError(f"runtime='onnxruntime' needs the onnxruntime package: {INSTALL_ONNX}.") from exc
-    if precision not in RUNTIME_PRECISIONS["onnxruntime"]:
-        raise ConfigError(f"runtime='onnxruntime' supports precisions {list(RUNTIME_PRECISIONS['onnxruntime'])}. "
-                          f"Got {precision!r}; pass --precision fp32 (or auto), or --runtime torch.")
-    directory, exported = cached_export(bb, exports_dir, runtime="onnxruntime", export_version=EXPORT_VERSION,
-                                        suffix=".onnx", files=(MODEL_FILE,), write=lambda d: _export(bb, d))
-    threads = threads or torch.get_num_threads()
-    session = ort.InferenceSession(str(directory / MODEL_FILE), sess_options=session_options(ort, threads),
-                                   providers=["CPUExecutionProvider"])
-    return OnnxRuntimeBackbone(session, bb.dim, exported=exported, directory=directory, threads=threads)
+    ort = _import_ort()
+    _check_precision(precision)
+    directory, exported = cached_export(bb.identity(), exports_dir, runtime="onnxruntime",
+                                        export_version=EXPORT_VERSION, suffix=".onnx", files=(MODEL_FILE,),
+                                        write=lambda d: _export(bb, d))
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    return _session(ort, directory, bb.dim, threads, exported)
+
+
+def find_onnx_export(spec: BackboneSpec, exports_dir: Path) -> Path | None:
+    """The directory of a valid cached ONNX export of ``spec``, or None (no torch imported)."""
+    return find_export(spec, exports_dir, runtime="onnxruntime", export_version=EXPORT_VERSION, suffix=".onnx",
+                       files=(MODEL_FILE,))
+
+
+def onnx_export_session(directory: Path, spec: BackboneSpec, *, precision: str, threads: int
+                        ) -> OnnxRuntimeBackbone:
+    """The session of the export in ``directory`` (:func:`find_onnx_export`)."""
+    ort = _import_ort()
+    _check_precision(precision)
+    return _session(ort, directory, spec.dim, threads, False)

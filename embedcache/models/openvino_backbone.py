@@ -1,6 +1,7 @@
 """The frozen backbone as an OpenVINO model: exported once per configuration, then compiled.
 
-The export and its cache are shared with the other compiled runtimes (:mod:`embedcache.models.exports`:
+The export and its cache are shared with the other compiled runtimes (:mod:`embedcache.models.exports`,
+:mod:`embedcache.models.export_cache`:
 uint8 channels-last input normalised inside the graph, BatchNorm folded, a fixed input size).
 OpenVINO's exports live in ``<cache_dir>/exports/<key16>.openvino/`` (``model.xml``,
 ``model.bin``, ``export.json``), keyed by the backbone's identity and the OpenVINO and torch
@@ -11,15 +12,17 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from embedcache.errors import ConfigError
-from embedcache.models.backbone import Backbone
-from embedcache.models.exports import ExportedBackbone, cached_export, exportable
+from embedcache.models.backbone import BackboneSpec
+from embedcache.models.export_cache import ExportedBackbone, cached_export, find_export
 from embedcache.models.runtimes import INSTALL_OPENVINO
+
+if TYPE_CHECKING:
+    from embedcache.models.backbone import Backbone
 
 #: Bump when the exported graph changes (old exports are then ignored, not reused).
 EXPORT_VERSION = 1
@@ -32,6 +35,9 @@ FILES = ("model.xml", "model.bin")
 def _export(bb: Backbone, directory: Path) -> None:
     """Convert the folded backbone and save it into ``directory``."""
     import openvino as ov
+    import torch
+
+    from embedcache.models.exports import exportable
 
     wrapped, example = exportable(bb)
     size = bb.preprocess.crop_size
@@ -42,7 +48,7 @@ def _export(bb: Backbone, directory: Path) -> None:
 
 
 class OpenVINOBackbone(ExportedBackbone):
-    """A compiled OpenVINO backbone (see :class:`~embedcache.models.exports.ExportedBackbone`)."""
+    """A compiled OpenVINO backbone (see :class:`~embedcache.models.export_cache.ExportedBackbone`)."""
 
     def __init__(self, compiled: Any, dim: int, *, exported: bool, directory: Path, threads: int) -> None:
         super().__init__(dim, exported=exported, directory=directory, threads=threads)
@@ -59,20 +65,50 @@ class OpenVINOBackbone(ExportedBackbone):
         return np.array(self._request.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
 
-def openvino_backbone(bb: Backbone, *, precision: str, exports_dir: Path, threads: int | None = None
-                      ) -> OpenVINOBackbone:
-    """The backbone compiled for the CPU at ``precision``, exporting it first unless a valid
-    export is cached in ``exports_dir``."""
+def _import_ov() -> Any:
     try:
         import openvino as ov
     except ImportError as exc:
         raise ConfigError(f"runtime='openvino' needs the openvino package: {INSTALL_OPENVINO}.") from exc
+    return ov
+
+
+def _check_precision(precision: str) -> None:
     if precision not in PRECISION_HINTS:
         raise ConfigError(f"runtime='openvino' supports precisions {list(PRECISION_HINTS)}. Got {precision!r}.")
-    directory, exported = cached_export(bb, exports_dir, runtime="openvino", export_version=EXPORT_VERSION,
-                                        suffix=".openvino", files=FILES, write=lambda d: _export(bb, d))
-    threads = threads or torch.get_num_threads()
+
+
+def _compiled(ov: Any, directory: Path, dim: int, precision: str, threads: int, exported: bool) -> OpenVINOBackbone:
     config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "INFERENCE_NUM_THREADS": threads,
               "PERFORMANCE_HINT": "LATENCY"}
     compiled = ov.Core().compile_model(str(directory / "model.xml"), "CPU", config)
-    return OpenVINOBackbone(compiled, bb.dim, exported=exported, directory=directory, threads=threads)
+    return OpenVINOBackbone(compiled, dim, exported=exported, directory=directory, threads=threads)
+
+
+def openvino_backbone(bb: Backbone, *, precision: str, exports_dir: Path, threads: int | None = None
+                      ) -> OpenVINOBackbone:
+    """The backbone compiled for the CPU at ``precision``, exporting it first unless a valid
+    export is cached in ``exports_dir``; ``threads`` defaults to torch's intra-op thread count."""
+    ov = _import_ov()
+    _check_precision(precision)
+    directory, exported = cached_export(bb.identity(), exports_dir, runtime="openvino", export_version=EXPORT_VERSION,
+                                        suffix=".openvino", files=FILES, write=lambda d: _export(bb, d))
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    return _compiled(ov, directory, bb.dim, precision, threads, exported)
+
+
+def find_openvino_export(spec: BackboneSpec, exports_dir: Path) -> Path | None:
+    """The directory of a valid cached OpenVINO export of ``spec``, or None (no torch imported)."""
+    return find_export(spec, exports_dir, runtime="openvino", export_version=EXPORT_VERSION, suffix=".openvino",
+                       files=FILES)
+
+
+def compile_openvino_export(directory: Path, spec: BackboneSpec, *, precision: str, threads: int
+                            ) -> OpenVINOBackbone:
+    """The compiled model of the export in ``directory`` (:func:`find_openvino_export`)."""
+    ov = _import_ov()
+    _check_precision(precision)
+    return _compiled(ov, directory, spec.dim, precision, threads, False)

@@ -3,7 +3,8 @@
 The spec travels with every backbone and is stored in the cache (it is part of the cache key).
 Applying it is split in two so that DataLoader workers ship compact uint8 tensors:
 
-* :func:`to_uint8_tensor` runs in the worker: resize the shorter side, centre-crop, HWC→CHW uint8.
+* :func:`to_uint8_tensor` runs in the worker: resize the shorter side, centre-crop, HWC→CHW uint8
+  (:func:`to_uint8_array`: the same as a numpy HWC array, for the loop that needs no torch).
 * :func:`normalize_batch` runs next to the model (on its device): uint8 → float, ``(x/255-mean)/std``.
 """
 
@@ -105,10 +106,8 @@ class PreprocessSpec:
         return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
 
 
-def to_uint8_tensor(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
-    """Resize the shorter side, centre-crop and return a ``(3, crop, crop)`` uint8 tensor.
-
-    The tensor is a channels-last view (HWC memory), which is what the model consumes.
+def to_uint8_array(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Resize the shorter side, centre-crop and return a ``(crop, crop, 3)`` uint8 array (HWC).
 
     Args:
         image: a decoded RGB PIL image.
@@ -129,11 +128,15 @@ def to_uint8_tensor(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
     top = int(round((height - crop) / 2.0))
     if (left, top, crop, crop) != (0, 0, width, height):
         image = image.crop((left, top, left + crop, top + crop))
+    return np.array(image, dtype=np.uint8)  # a writable copy, (H, W, 3)
+
+
+def to_uint8_tensor(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
+    """:func:`to_uint8_array` as a ``(3, crop, crop)`` uint8 tensor, a channels-last view of the
+    HWC memory (what the model consumes, kept through collation: no copy)."""
     import torch  # here, not at the top: a cache hit plans with this module and needs no torch
 
-    array = np.array(image, dtype=np.uint8)  # a writable copy, (H, W, 3)
-    # (3, H, W) view of HWC memory: channels_last layout, kept through collation (no copy).
-    return torch.from_numpy(array).permute(2, 0, 1)
+    return torch.from_numpy(to_uint8_array(image, spec)).permute(2, 0, 1)
 
 
 def normalize_batch(batch: torch.Tensor, spec: PreprocessSpec, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ import tests.tiny_backbone  # noqa: F401
 from embedcache.errors import CacheLockedError, ConfigError, TooManyErrorsError
 from embedcache.extraction import compute as compute_mod
 from embedcache.extraction import extract as extract_mod
+from embedcache.extraction import loop as loop_mod
 from embedcache.extraction import plan as plan_mod
 from embedcache.extraction.extract import extract
 from embedcache.models import build
@@ -63,7 +64,7 @@ def test_second_run_is_a_cache_hit_without_running_the_model(folder, tmp_path, m
 
     # neither built nor run: the identity is remembered, the entry exists
     monkeypatch.setattr(extract_mod, "build_backbone", boom)
-    monkeypatch.setattr(compute_mod, "run_batches", boom)
+    monkeypatch.setattr(loop_mod, "run_batches", boom)
     monkeypatch.setattr(build, "get_backbone", boom)
     second = run(folder, tmp_path / "c", batch_size=7, workers=0)
     assert second.cache_hit and second.path == first.path

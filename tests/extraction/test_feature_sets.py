@@ -16,6 +16,7 @@ from embedcache.errors import ConfigError, CorruptEntryError
 from embedcache.experiments.predict import predict
 from embedcache.experiments.protocol import probe
 from embedcache.extraction import compute as compute_mod
+from embedcache.extraction import loop as loop_mod
 from embedcache.extraction.extract import extract
 from embedcache.models.backbone import BackboneParts
 from embedcache.models.build import get_backbone
@@ -50,7 +51,7 @@ def entry(folder, tmp_path):
 
 def test_the_model_runs_once_per_image_for_every_set(folder, tmp_path, monkeypatch):
     seen = []
-    real = compute_mod.inference_module
+    real = loop_mod.inference_module
 
     def counting(bb, device, **kw):
         module = real(bb, device, **kw)
@@ -59,7 +60,7 @@ def test_the_model_runs_once_per_image_for_every_set(folder, tmp_path, monkeypat
                 sub.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
         return module
 
-    monkeypatch.setattr(compute_mod, "inference_module", counting)
+    monkeypatch.setattr(loop_mod, "inference_module", counting)
     store = run(folder, tmp_path / "c", layers=LAYERS, pools="avg,max")
     assert sum(seen) == len(store) == 40
     assert store.feature_set_names == ["penultimate", *SETS]

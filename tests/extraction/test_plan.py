@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import tests.tiny_backbone  # noqa: F401 - registers the tiny backbone
-from embedcache.extraction import compute
+from embedcache.extraction import loop
 from embedcache.extraction import plan as plan_module
 from embedcache.extraction.extract import extract
 from embedcache.extraction.plan import plan_extraction
@@ -35,7 +35,7 @@ def _forbid_building(monkeypatch):
         raise AssertionError("the backbone was built")
 
     monkeypatch.setattr(build, "get_backbone", boom)
-    monkeypatch.setattr(compute, "run_batches", boom)
+    monkeypatch.setattr(loop, "run_batches", boom)
 
 
 def test_a_cache_hit_builds_no_model(folder, tmp_path, monkeypatch):
