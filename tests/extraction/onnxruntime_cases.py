@@ -15,6 +15,7 @@ pytest.importorskip("onnxruntime", reason='onnxruntime is not installed (pip ins
 import tests.tiny_backbone  # noqa: E402,F401 - registers the tiny backbone
 from embedcache.extraction.extract import extract  # noqa: E402
 from tests.extraction.runtime_helpers import (  # noqa: E402
+    check_cached_export_runs_without_torch,
     check_cli_round_trip,
     check_demo_agreement,
     check_export_cache,
@@ -119,3 +120,7 @@ def case_cli_extract_names_the_runtime_and_predict_uses_the_recorded_one(folder,
 def case_onnxruntime_matches_torch_on_the_demo_data_with_real_weights(tmp_path):
     """Cosine >= 0.999 and probe accuracy within 0.3 points on the demo data (both fp32)."""
     check_demo_agreement(tmp_path, "onnxruntime", precision="fp32")
+
+
+def case_a_cached_export_runs_without_torch_and_gives_the_same_features(tmp_path):
+    check_cached_export_runs_without_torch(tmp_path, "onnxruntime")

@@ -10,6 +10,7 @@ import pytest
 import tests.tiny_backbone  # noqa: F401 - registers the tiny backbone
 from embedcache.extraction.extract import extract
 from tests.extraction.runtime_helpers import (
+    check_cached_export_runs_without_torch,
     check_cli_round_trip,
     check_demo_agreement,
     check_export_cache,
@@ -56,3 +57,7 @@ def case_openvino_matches_torch_on_the_demo_data_with_real_weights(tmp_path):
     """Cosine >= 0.999 and probe accuracy within 0.3 points on the demo data (both at auto: bf16
     on CPUs with native bf16)."""
     check_demo_agreement(tmp_path, "openvino")
+
+
+def case_a_cached_export_runs_without_torch_and_gives_the_same_features(tmp_path):
+    check_cached_export_runs_without_torch(tmp_path, "openvino")

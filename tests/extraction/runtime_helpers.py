@@ -131,3 +131,46 @@ def check_cli_round_trip(folder: Path, tmp_path: Path, monkeypatch: Any, runtime
     assert [name for name, _ in used] == [runtime, "torch"]
     precision = json.loads((tmp_path / "p" / "probe.json").read_text())["precision"]
     assert [p for _, p in used] == [precision, precision]  # the recorded precision, both runs
+
+
+def check_cached_export_runs_without_torch(tmp_path: Path, runtime: str) -> None:
+    """A second extraction that finds the runtime's export cached (with the backbone's identity
+    remembered) runs in a process where ``import torch`` fails, by the threads loop, and gives the
+    first run's features bitwise (the first run exported and ran the DataLoader loop), with the
+    same bad image recorded the same way."""
+    import shutil
+
+    from embedcache.extraction.extract import extract
+    from embedcache.store.memo import MEMO_NAME
+    from tests.tiny_backbone import make_image_folder
+
+    folder = make_image_folder(tmp_path / "data", per_class=5, split_dirs=True)
+    (folder / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    kw = dict(backbone="efficientnet_lite0", weights="none", image_size=64, runtime=runtime, batch_size=4,
+              store_dtype="float32")
+    first = extract(folder, cache_dir=tmp_path / "first", **kw)
+    assert first.attrs["extract_loop"] == "dataloader" and first.stats.failed == 1
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    shutil.copytree(tmp_path / "first" / "exports", second_dir / "exports")
+    shutil.copy(tmp_path / "first" / MEMO_NAME, second_dir / MEMO_NAME)
+    hidden = tmp_path / "hidden"
+    for name in ("torch", "torchvision", "sklearn"):
+        (hidden / name).mkdir(parents=True)
+        (hidden / name / "__init__.py").write_text(f"raise ImportError('{name} is not importable here')\n")
+    code = (f"from embedcache.extraction.extract import extract\n"
+            f"store = extract({str(folder)!r}, cache_dir={str(second_dir)!r}, **{kw!r})\n"
+            f"print(store.attrs['extract_loop'], store.stats.failed, store.stats.runtime)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden), str(REPO)])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["threads", "1", runtime]
+    from embedcache.store.reader import FeatureStore
+
+    [entry] = second_dir.glob("*.h5")
+    second = FeatureStore.open(entry)
+    assert second.cache_key == first.cache_key
+    np.testing.assert_array_equal(second.paths, first.paths)
+    np.testing.assert_array_equal(second.features, first.features)
+    assert second.errors == first.errors and "broken.png" in first.errors[0][1]

@@ -1,0 +1,91 @@
+"""The torch-free loop of a cached export (embedcache.extraction.exported_loop), with a fake
+runtime model: the same uint8 batches as the DataLoader loop, failures, build order, clean-up.
+The real runtimes' runs are in openvino_cases.py / onnxruntime_cases.py."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from embedcache.extraction.batches import row_batches
+from embedcache.extraction.exported_loop import run_exported_batches
+from embedcache.extraction.loop import ImageDataset, collate_images
+from embedcache.models.preprocess import PreprocessSpec
+from embedcache.sources.open import open_source
+from tests.tiny_backbone import make_image_folder
+
+SPEC = PreprocessSpec(resize_size=24, crop_size=20, interpolation="bicubic")
+
+
+class FakeModel:
+    """Records the batches it is given; its features are the batch's pixels, flattened."""
+
+    takes_uint8 = True
+
+    def __init__(self, events: list[str]) -> None:
+        self.events, self.inputs = events, []
+        events.append("built")
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        assert images.dtype == np.uint8 and images.flags["C_CONTIGUOUS"]
+        self.inputs.append(images.copy())
+        return images.reshape(len(images), -1).astype(np.float32)
+
+    def close(self) -> None:
+        self.events.append("closed")
+
+
+@pytest.fixture
+def source(tmp_path):
+    folder = make_image_folder(tmp_path / "data", per_class=5, size=30)
+    (folder / "a" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    return open_source(folder)
+
+
+@pytest.mark.parametrize("decoders", [0, 1, 3])
+def test_the_batches_are_the_dataloader_loops_and_a_bad_image_is_a_failure(source, decoders):
+    batches = row_batches(np.zeros(len(source), bool), 4)
+    events: list[str] = []
+    models: list[FakeModel] = []
+
+    def build():
+        models.append(FakeModel(events))
+        return models[0]
+
+    out = list(run_exported_batches(build, source, SPEC, batches, decoders=decoders))
+    assert [sorted(b.rows.tolist() + [i for i, _ in b.failures]) for b in out] == [sorted(rows) for rows in batches]
+    failures = [f for b in out for f in b.failures]
+    assert [source.samples[i].path for i, _ in failures] == ["a/zz_broken.png"]
+    dataset = ImageDataset(source, SPEC)
+    for batch, given in zip([b for b in out if b.outputs is not None], models[0].inputs, strict=True):
+        indices, images, _ = collate_images([dataset[i] for i in batch.rows.tolist()])
+        np.testing.assert_array_equal(given, images.permute(0, 2, 3, 1).numpy())  # bitwise the same input
+        np.testing.assert_array_equal(indices.numpy(), batch.rows)
+    assert events == ["built", "closed"]
+
+
+def test_the_model_is_built_once_decoding_has_started_and_closed_when_the_consumer_stops(source):
+    events: list[str] = []
+    started = threading.Event()
+    original = source.load_image
+
+    def load(index):
+        started.set()
+        return original(index)
+
+    source.load_image = load
+
+    def build():
+        events.append(f"decoding started: {started.wait(5)}")
+        return FakeModel(events)
+
+    stream = run_exported_batches(build, source, SPEC, row_batches(np.zeros(len(source), bool), 2), decoders=2)
+    next(stream)
+    stream.close()  # the consumer stops early (an interrupt, too many errors)
+    assert events == ["decoding started: True", "built", "closed"]
+
+
+def test_no_batches_build_nothing(source):
+    assert list(run_exported_batches(lambda: pytest.fail("built"), source, SPEC, [], decoders=2)) == []
