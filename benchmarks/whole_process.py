@@ -130,14 +130,15 @@ def ours_features(work: Path) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2048)
-    parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--weights", default=None)
-    parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--load", default="idle,busy", help="comma-separated: idle, busy")
+    parser.add_argument("--n", type=int, default=2048, help="Fashion-MNIST test images written as PNGs (default 2048)")
+    parser.add_argument("--backbone", default="efficientnet_lite0", help="backbone name (default efficientnet_lite0)")
+    parser.add_argument("--weights", default=None, help="weights tag; 'none' for torchvision models offline")
+    parser.add_argument("--image-size", type=int, default=None, help="model input size (default: the backbone's)")
+    parser.add_argument("--repeats", type=int, default=3, help="paired rounds per load; medians are printed")
+    parser.add_argument("--load", default="idle,busy",
+                        help="comma-separated: idle, busy (one core held by a spinning process)")
     parser.add_argument("--skip", default="", help=f"comma-separated contenders to leave out, of {', '.join(CONTENDERS)}")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="also write every run's seconds here")
     args = parser.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     contenders = [c for c in CONTENDERS if c not in skip]

@@ -5,7 +5,9 @@ directory (exported by an earlier run: once per backbone configuration), nothing
 needed: the export is found from the backbone's remembered identity
 (:func:`find_cached_export`), images are decoded to uint8 HWC arrays by a pool of threads (PIL
 releases the GIL while it decodes and resizes) running :data:`PREFETCH_BATCHES` batches ahead
-of the model, and the runtime is compiled while the first batches decode. The batches, the
+of the model, and the runtime is compiled while the first batches decode. A runtime that runs
+several batches side by side (OpenVINO compiled for throughput: one stream per batch) is kept
+fed with that many batches in flight; they are collected in order. The batches, the
 decoding and the export are the ones the DataLoader loop uses, so the features are the same,
 bitwise; what is saved is importing torch (seconds of start-up) and building the torch model.
 """
@@ -17,6 +19,7 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +57,9 @@ def compile_cached_export(plan: ExtractionPlan, directory: Path, threads: int) -
     if plan.runtime == "openvino":
         from embedcache.models.openvino_backbone import compile_openvino_export
 
-        return compile_openvino_export(directory, plan.backbone, precision=plan.precision, threads=threads)
+        # Compiled for throughput: this loop keeps several batches in flight (run_exported_batches).
+        return compile_openvino_export(directory, plan.backbone, precision=plan.precision, threads=threads,
+                                       throughput=True)
     from embedcache.models.onnx_backbone import onnx_export_session
 
     return onnx_export_session(directory, plan.backbone, precision=plan.precision, threads=threads)
@@ -81,16 +86,21 @@ def run_exported_batches(build: Callable[[], ExportedBackbone], source: ImageSou
 
     try:
         upcoming = iter(batches)
-        pending = collections.deque(submit(rows) for rows in itertools.islice(upcoming, PREFETCH_BATCHES))
+        decoding = collections.deque(submit(rows) for rows in itertools.islice(upcoming, PREFETCH_BATCHES))
         model = build()
+        depth = max(1, int(model.pipeline_depth))
+        running: collections.deque[tuple[np.ndarray, list[tuple[int, str]], Any]] = collections.deque()
         with reuse_freed_memory():
-            while pending:
-                items = pending.popleft()
-                following = next(upcoming, None)
-                if following is not None:
-                    pending.append(submit(following))
-                decoded = [f.result() for f in items] if pool is not None else [decode_row(load, i) for i in items]
-                yield _batch(model, decoded)
+            while decoding or running:
+                while decoding and len(running) < depth:  # keep the model's requests busy
+                    items = decoding.popleft()
+                    following = next(upcoming, None)
+                    if following is not None:
+                        decoding.append(submit(following))
+                    decoded = [f.result() for f in items] if pool is not None else [decode_row(load, i) for i in items]
+                    running.append(_start(model, decoded))
+                rows, failures, handle = running.popleft()  # the oldest first: batches stay in order
+                yield Batch(rows, None if handle is None else model.wait(handle), failures)
     finally:
         if model is not None:
             model.close()
@@ -98,10 +108,12 @@ def run_exported_batches(build: Callable[[], ExportedBackbone], source: ImageSou
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _batch(model: ExportedBackbone, decoded: list[tuple[int, np.ndarray | None, str | None]]) -> Batch:
+def _start(model: ExportedBackbone, decoded: list[tuple[int, np.ndarray | None, str | None]]
+           ) -> tuple[np.ndarray, list[tuple[int, str]], Any]:
+    """(rows, failures, the model's handle or None when no image of the batch decoded)."""
     good = [(i, array) for i, array, _ in decoded if array is not None]
     failures = [(int(i), str(message)) for i, array, message in decoded if array is None]
     rows = np.array([i for i, _ in good], dtype=np.int64)
     if not good:
-        return Batch(rows, None, failures)
-    return Batch(rows, model.infer(np.stack([array for _, array in good])), failures)
+        return rows, failures, None
+    return rows, failures, model.start(np.stack([array for _, array in good]))

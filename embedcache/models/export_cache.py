@@ -141,6 +141,9 @@ class ExportedBackbone(abc.ABC):
     implement :meth:`infer` and :meth:`close`."""
 
     takes_uint8 = True
+    #: Batches that may be in flight at once between :meth:`start` and :meth:`wait` (1: none
+    #: overlap; a runtime with several infer requests runs that many batches side by side).
+    pipeline_depth = 1
 
     def __init__(self, dim: int, *, exported: bool, directory: Path, threads: int) -> None:
         self.dim, self.exported, self.directory, self.threads = dim, exported, directory, threads
@@ -152,6 +155,16 @@ class ExportedBackbone(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release the runtime's model now (not whenever the garbage collector gets to it)."""
+
+    def start(self, images: np.ndarray) -> Any:
+        """Begin :meth:`infer` on ``images``; :meth:`wait` on the returned handle gives its
+        features. At most :attr:`pipeline_depth` batches may be started and not yet waited for,
+        and they are waited for in the order they were started. This default runs the batch now."""
+        return self.infer(images)
+
+    def wait(self, handle: Any) -> np.ndarray:
+        """The features of the batch :meth:`start` returned ``handle`` for."""
+        return handle
 
     def __call__(self, images: Any) -> np.ndarray:
         """A torch uint8 ``(N, 3, H, W)`` channels-last batch (the DataLoader's) -> float32 ``(N, D)``."""

@@ -30,6 +30,9 @@ EXPORT_VERSION = 1
 PRECISION_HINTS = {"bf16": "bf16", "fp32": "f32", "fp16": "f16"}
 #: The files of an OpenVINO export (besides export.json).
 FILES = ("model.xml", "model.bin")
+#: At most this many batches in flight when compiled for throughput (each holds its input and
+#: activations).
+MAX_REQUESTS = 8
 
 
 def _export(bb: Backbone, directory: Path) -> None:
@@ -48,21 +51,45 @@ def _export(bb: Backbone, directory: Path) -> None:
 
 
 class OpenVINOBackbone(ExportedBackbone):
-    """A compiled OpenVINO backbone (see :class:`~embedcache.models.export_cache.ExportedBackbone`)."""
+    """A compiled OpenVINO backbone (see :class:`~embedcache.models.export_cache.ExportedBackbone`).
 
-    def __init__(self, compiled: Any, dim: int, *, exported: bool, directory: Path, threads: int) -> None:
+    With ``requests`` > 1 (a model compiled for throughput: several streams, each on its own
+    threads), :meth:`start` runs a batch asynchronously on the next of ``requests`` infer
+    requests, round robin, so that many batches run side by side."""
+
+    def __init__(self, compiled: Any, dim: int, *, exported: bool, directory: Path, threads: int,
+                 requests: int = 1) -> None:
         super().__init__(dim, exported=exported, directory=directory, threads=threads)
         self.compiled = compiled
-        self._request = compiled.create_infer_request()
+        self._requests = [compiled.create_infer_request() for _ in range(max(1, requests))]
+        self._request, self._next = self._requests[0], 0
+        self.pipeline_depth = len(self._requests)
 
     def close(self) -> None:
         """Release the compiled model now (not whenever the garbage collector gets to it)."""
-        self._request = self.compiled = None
+        for request in self._requests:
+            request.wait()  # nothing may still run on a buffer about to be freed
+        self._requests, self._request, self.compiled = [], None, None
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``(N, H, W, 3)`` -> float32 ``(N, D)`` (a copy: the request reuses its output)."""
         self._request.infer([images])
-        return np.array(self._request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        return _output(self._request)
+
+    def start(self, images: np.ndarray) -> Any:
+        """Start ``images`` on the next infer request (the input is copied into the request)."""
+        request = self._requests[self._next]
+        self._next = (self._next + 1) % len(self._requests)
+        request.start_async([images])
+        return request
+
+    def wait(self, handle: Any) -> np.ndarray:
+        handle.wait()
+        return _output(handle)
+
+
+def _output(request: Any) -> np.ndarray:
+    return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
 
 def _import_ov() -> Any:
@@ -78,11 +105,17 @@ def _check_precision(precision: str) -> None:
         raise ConfigError(f"runtime='openvino' supports precisions {list(PRECISION_HINTS)}. Got {precision!r}.")
 
 
-def _compiled(ov: Any, directory: Path, dim: int, precision: str, threads: int, exported: bool) -> OpenVINOBackbone:
+def _compiled(ov: Any, directory: Path, dim: int, precision: str, threads: int, exported: bool,
+              throughput: bool = False) -> OpenVINOBackbone:
+    # LATENCY: one stream, a batch at a time on every thread (what a synchronous loop needs).
+    # THROUGHPUT: the threads split into streams that each run their own batch; the caller keeps
+    # that many batches in flight (OpenVINO's OPTIMAL_NUMBER_OF_INFER_REQUESTS).
     config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "INFERENCE_NUM_THREADS": threads,
-              "PERFORMANCE_HINT": "LATENCY"}
+              "PERFORMANCE_HINT": "THROUGHPUT" if throughput else "LATENCY"}
     compiled = ov.Core().compile_model(str(directory / "model.xml"), "CPU", config)
-    return OpenVINOBackbone(compiled, dim, exported=exported, directory=directory, threads=threads)
+    requests = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")) if throughput else 1
+    return OpenVINOBackbone(compiled, dim, exported=exported, directory=directory, threads=threads,
+                            requests=min(requests, MAX_REQUESTS))
 
 
 def openvino_backbone(bb: Backbone, *, precision: str, exports_dir: Path, threads: int | None = None
@@ -106,9 +139,10 @@ def find_openvino_export(spec: BackboneSpec, exports_dir: Path) -> Path | None:
                        files=FILES)
 
 
-def compile_openvino_export(directory: Path, spec: BackboneSpec, *, precision: str, threads: int
-                            ) -> OpenVINOBackbone:
-    """The compiled model of the export in ``directory`` (:func:`find_openvino_export`)."""
+def compile_openvino_export(directory: Path, spec: BackboneSpec, *, precision: str, threads: int,
+                            throughput: bool = False) -> OpenVINOBackbone:
+    """The compiled model of the export in ``directory`` (:func:`find_openvino_export`);
+    ``throughput``: compiled for several batches in flight (``pipeline_depth`` of them)."""
     ov = _import_ov()
     _check_precision(precision)
-    return _compiled(ov, directory, spec.dim, precision, threads, False)
+    return _compiled(ov, directory, spec.dim, precision, threads, False, throughput)

@@ -5,6 +5,7 @@ The real runtimes' runs are in openvino_cases.py / onnxruntime_cases.py."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from embedcache.extraction.batches import row_batches
 from embedcache.extraction.exported_loop import run_exported_batches
 from embedcache.extraction.loop import ImageDataset, collate_images
+from embedcache.models.export_cache import ExportedBackbone
 from embedcache.models.preprocess import PreprocessSpec
 from embedcache.sources.open import open_source
 from tests.tiny_backbone import make_image_folder
@@ -19,12 +21,11 @@ from tests.tiny_backbone import make_image_folder
 SPEC = PreprocessSpec(resize_size=24, crop_size=20, interpolation="bicubic")
 
 
-class FakeModel:
+class FakeModel(ExportedBackbone):
     """Records the batches it is given; its features are the batch's pixels, flattened."""
 
-    takes_uint8 = True
-
     def __init__(self, events: list[str]) -> None:
+        super().__init__(SPEC.crop_size**2 * 3, exported=False, directory=Path("."), threads=1)
         self.events, self.inputs = events, []
         events.append("built")
 
@@ -89,3 +90,45 @@ def test_the_model_is_built_once_decoding_has_started_and_closed_when_the_consum
 
 def test_no_batches_build_nothing(source):
     assert list(run_exported_batches(lambda: pytest.fail("built"), source, SPEC, [], decoders=2)) == []
+
+
+class PipelinedFakeModel(FakeModel):
+    """A model that runs up to ``pipeline_depth`` batches at once: :meth:`start` only queues."""
+
+    pipeline_depth = 3
+
+    def __init__(self, events: list[str]) -> None:
+        super().__init__(events)
+        self.in_flight: list[int] = []
+        self.most_in_flight = self.started = 0
+
+    def start(self, images: np.ndarray) -> tuple[int, np.ndarray]:
+        handle = self.started
+        self.started += 1
+        self.in_flight.append(handle)
+        self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
+        return handle, self.infer(images)
+
+    def wait(self, handle: tuple[int, np.ndarray]) -> np.ndarray:
+        number, features = handle
+        if self.in_flight[0] != number:
+            raise AssertionError(f"waited for batch {number} before batch {self.in_flight[0]}")
+        self.in_flight.pop(0)
+        return features
+
+
+def test_a_pipelined_model_gets_its_depth_of_batches_in_flight_and_they_come_back_in_order(source):
+    broken = next(i for i, s in enumerate(source.samples) if s.path == "a/zz_broken.png")
+    rows = [i for i in range(len(source)) if i != broken]
+    batches = [rows[0:2], [broken], rows[2:5], rows[5:6], rows[6:9], rows[9:]]
+    events: list[str] = []
+    model = PipelinedFakeModel(events)
+    out = list(run_exported_batches(lambda: model, source, SPEC, batches, decoders=2))
+    assert model.most_in_flight == 3 and model.in_flight == []
+    assert [b.rows.tolist() for b in out] == [b if b != [broken] else [] for b in batches]
+    assert out[1].outputs is None and [i for i, _ in out[1].failures] == [broken]
+    dataset = ImageDataset(source, SPEC)
+    for batch in [b for b in out if b.outputs is not None]:
+        _, images, _ = collate_images([dataset[i] for i in batch.rows.tolist()])
+        np.testing.assert_array_equal(batch.outputs, images.permute(0, 2, 3, 1).reshape(len(images), -1).numpy())
+    assert events == ["built", "closed"]
