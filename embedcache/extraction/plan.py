@@ -19,10 +19,11 @@ from typing import Any
 
 from embedcache.errors import CacheError, ConfigError
 from embedcache.models.backbone import Backbone, BackboneSpec
-from embedcache.models.catalog import backbone_identity
+from embedcache.models.catalog import backbone_identity, files_unchanged, plugin_names
 from embedcache.models.pooling import parse_layers, split_list
+from embedcache.models.registry import registration
 from embedcache.models.runtimes import key_payload, resolve_runtime, resolve_runtime_precision
-from embedcache.runtime import resolve_device_type
+from embedcache.runtime import package_version, resolve_device_type
 from embedcache.sources.base import ImageSource
 from embedcache.sources.decode import DECODER_VERSION
 from embedcache.sources.open import open_source
@@ -122,9 +123,34 @@ def _memo(cache_dir: Path) -> JsonMemo:
     return JsonMemo(cache_dir / MEMO_NAME)
 
 
+#: Environment variables that move torch's hub directory (where torchvision weights files live).
+HUB_VARIABLES = ("TORCH_HOME", "XDG_CACHE_HOME")
+
+
+def _request_identity(request: BackboneRequest, cache_dir: Path) -> dict[str, Any] | None:
+    """``request.identity()``, remembered in the memo for torchvision names: telling that a name is
+    torchvision's, and where its weights file lives, imports torchvision and torch (seconds), which
+    a cache hit or a run of a cached export does not otherwise need. The remembered identity is
+    keyed by the request, the library versions, the hub variables and the plugins' names (a
+    plugin may shadow a torchvision name), and used only while its weights files are unchanged."""
+    if registration(request.name) is not None or ":" in request.name:
+        return request.identity()  # registered: cheap already; plugin/timm/module: never known
+    key = "request:" + sha256_json({
+        "request": dataclasses.asdict(request), "plugins": plugin_names(),
+        "versions": {p: package_version(p) for p in ("embedcache", "torch", "torchvision")},
+        "hub": {v: os.environ.get(v) for v in HUB_VARIABLES}})
+    remembered = _memo(cache_dir).get(key)
+    if isinstance(remembered, dict) and files_unchanged(remembered):
+        return remembered
+    identity = request.identity()
+    if identity is not None:
+        _memo(cache_dir).put(key, identity)
+    return identity
+
+
 def _backbone_spec(request: BackboneRequest, cache_dir: Path) -> tuple[BackboneSpec, Backbone | None]:
     """The identity of the requested backbone: remembered, or learnt by building it (then kept)."""
-    identity = request.identity()
+    identity = _request_identity(request, cache_dir)
     memo_key = None if identity is None else sha256_json(identity)
     if memo_key is not None:
         remembered = _memo(cache_dir).get(memo_key)

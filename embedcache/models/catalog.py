@@ -39,6 +39,19 @@ def _entry_point_factories() -> dict[str, Any]:
     return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
+def plugin_names() -> list[str]:
+    """The names backbone plugins register (entry points; nothing is imported)."""
+    return sorted(_entry_point_factories())
+
+
+def files_unchanged(identity: dict[str, Any]) -> bool:
+    """Whether every weights file an identity (:func:`backbone_identity`) lists still has its
+    recorded (path, size, mtime)."""
+    files = identity.get("files")
+    return isinstance(files, list) and all(
+        isinstance(f, list) and len(f) == 3 and _file_identity(f[0]) == f for f in files)
+
+
 def _import_factory(spec: str) -> Factory:
     module_name, _, attr = spec.partition(":")
     try:

@@ -121,3 +121,43 @@ def test_a_cache_hit_of_a_registered_backbone_loads_no_torch(folder, tmp_path):
                             text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     assert second.stdout.split() == ["True", "False", "False"]
+
+
+@pytest.mark.skipif(any(os.path.exists(p) for p in GPU_DEVICE_FILES) or not sys.platform.startswith("linux"),
+                    reason="a GPU driver is present: torch must be asked which device 'auto' means")
+def test_planning_a_torchvision_backbone_again_imports_neither_torch_nor_torchvision(folder, tmp_path):
+    code = textwrap.dedent("""
+        import sys
+        from embedcache.extraction.plan import plan_extraction
+        plan = plan_extraction(sys.argv[1], backbone="resnet18", weights="none", image_size=32,
+                               cache_dir=sys.argv[2], runtime="torch")
+        print(plan.cache_key, plan.built is None, "torch" in sys.modules, "torchvision" in sys.modules)
+    """)
+    runs = [subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "c")], capture_output=True,
+                           text=True, timeout=120) for _ in range(2)]
+    assert all(run.returncode == 0 for run in runs), [run.stderr for run in runs]
+    first, second = (run.stdout.split() for run in runs)
+    assert first[1:] == ["False", "True", "True"]  # the first plan builds the model to learn its identity
+    assert second == [first[0], "True", "False", "False"]  # the same key, from memory alone
+
+
+def test_a_remembered_torchvision_identity_is_dropped_when_its_weights_file_changes(folder, tmp_path, monkeypatch):
+    import torchvision
+
+    weights = tmp_path / "w.safetensors"
+    save_file(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), weights)
+    calls = []
+    original = plan_module.backbone_identity
+    monkeypatch.setattr(plan_module, "backbone_identity", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def planned():
+        return plan_extraction(folder, backbone="mobilenet_v3_small", weights_path=weights, image_size=32,
+                               cache_dir=tmp_path / "c", runtime="torch")
+
+    first, second = planned(), planned()
+    assert len(calls) == 1 and second.cache_key == first.cache_key and second.built is None
+    torch.manual_seed(1)
+    save_file(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), weights)  # other weights
+    os.utime(weights, ns=(1, 1))  # and a different mtime, whatever the clock's resolution
+    third = planned()
+    assert len(calls) == 2 and third.cache_key != first.cache_key and third.built is not None
