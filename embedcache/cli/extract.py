@@ -70,7 +70,7 @@ if TYPE_CHECKING:
 @click.option("--test-fraction", type=float, default=0.2, show_default=True,
               help="Hold-out to test when DATA has no splits.")
 @click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of that stratified hold-out.")
-@click.option("--no-incremental", is_flag=True, help="Do not copy rows of unchanged files from an older entry.")
+@click.option("--no-incremental", is_flag=True, help="Do not copy rows of unchanged files from an older entry, nor feature sets from an entry of other --layers.")
 @click.option("--target", "target", default=None,
               help="CSV manifests: a numeric column to store as each image's target (e.g. age).")
 @click.option("--targets", "targets", default=None,

@@ -48,14 +48,8 @@ def compute_entry(plan: ExtractionPlan, bb: Backbone | None, options: RunOptions
     ``bb``: the built backbone, run by the DataLoader loop; or None and ``export``: the cached
     export's directory (:func:`~embedcache.extraction.exported_loop.find_cached_export`), run by
     the loop that needs no torch."""
-    samples = plan.source.samples
-    n = len(samples)
-    with StoreWriter(cache_dir=plan.cache_dir, cache_key=plan.cache_key, n=n, dim=plan.backbone.dim,
-                     store_dtype=plan.store_dtype, attrs=plan.entry_attrs(), paths=[s.path for s in samples],
-                     labels=[s.label for s in samples], splits=[s.split for s in samples],
-                     file_sizes=[s.size for s in samples], file_mtimes_ns=[s.mtime_ns for s in samples],
-                     targets=plan.source.target_array(), target_names=plan.source.target_names,
-                     label_sets=plan.source.label_set_array(), views=view_array(plan.source)) as writer:
+    n = len(plan.source)
+    with entry_writer(plan) as writer:
         reused = _reuse_unchanged_rows(writer, plan) if options.incremental else 0
         batches = row_batches(writer.attempted, options.batch_size)
         times = _write_batches(plan, writer, batches, options, progress, bb=bb, export=export)
@@ -75,6 +69,17 @@ def compute_entry(plan: ExtractionPlan, bb: Backbone | None, options: RunOptions
                          runtime=plan.runtime, model_seconds=loop_seconds, computed_rows=computed, reused_rows=reused,
                          resumed_rows=resumed, images_per_s=rate, threads=options.threads, warnings=warnings)
     return store, stats
+
+
+def entry_writer(plan: ExtractionPlan) -> StoreWriter:
+    """The writer of the plan's entry (rows, labels, splits, targets and views of its source)."""
+    samples = plan.source.samples
+    return StoreWriter(cache_dir=plan.cache_dir, cache_key=plan.cache_key, n=len(samples), dim=plan.backbone.dim,
+                       store_dtype=plan.store_dtype, attrs=plan.entry_attrs(), paths=[s.path for s in samples],
+                       labels=[s.label for s in samples], splits=[s.split for s in samples],
+                       file_sizes=[s.size for s in samples], file_mtimes_ns=[s.mtime_ns for s in samples],
+                       targets=plan.source.target_array(), target_names=plan.source.target_names,
+                       label_sets=plan.source.label_set_array(), views=view_array(plan.source))
 
 
 def _stream(plan: ExtractionPlan, batches: list[list[int]], options: RunOptions, bb: Backbone | None,

@@ -129,7 +129,9 @@ def extract(
         targets: numeric target columns of a CSV manifest (``--target``/``--targets``), stored
             with the features (a ``labels`` column of ``;``-separated names is stored as label
             sets without asking); they are part of the cache key.
-        incremental: copy rows of unchanged files from an older entry of the same config.
+        incremental: copy rows of unchanged files from an older entry of the same config, and
+            feature sets from an entry of the same images with other ``layers`` (only a missing
+            set is then computed; :mod:`~embedcache.extraction.compose`).
         progress: called after every batch with a :class:`~embedcache.extraction.loop.Progress`
             (with ``engine="ray"``: after every shard).
         engine: ``local`` (this process) or ``ray`` (shards on a Ray cluster; needs
@@ -163,6 +165,21 @@ def extract(
     hit = _cache_hit(plan, options, started, warnings)
     if hit is not None:
         return hit
+    if ray_options is None and incremental and plan.request is not None and plan.backbone.feature_sets:
+        from embedcache.extraction.compose import compose_entry
+
+        def extract_set(node: str, set_pool: str) -> ExtractResult:  # the same run, one set alone
+            request = plan.request
+            return extract(plan.source, backbone=request.name, weights=request.weights,
+                           weights_path=request.weights_path, layer=node, pool=set_pool,
+                           image_size=request.image_size, batch_size=batch_size, workers=workers, threads=threads,
+                           device=plan.device, precision=plan.precision, runtime=plan.runtime,
+                           store_dtype=plan.store_dtype, cache_dir=plan.cache_dir, max_errors=max_errors,
+                           incremental=incremental, progress=progress)
+
+        composed = compose_entry(plan, options, extract_set, warnings)
+        if composed is not None:  # a donor entry held the rest: only the missing set was computed
+            return _computed(*composed, started, warnings)
     export = None
     if ray_options is None:
         from embedcache.extraction.exported_loop import find_cached_export

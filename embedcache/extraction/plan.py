@@ -225,13 +225,25 @@ def plan_extraction(
                        store_dtype, cache_dir, resolved)
 
 
+def _config_key(source: ImageSource, spec: BackboneSpec, precision: str, store_dtype: str, runtime: str) -> str:
+    return config_key(backbone={k: v for k, v in spec.to_dict().items() if k != "dim"},
+                      preprocess=spec.preprocess.to_dict(), precision=precision, store_dtype=store_dtype,
+                      decoder_version=DECODER_VERSION, runtime=key_payload(runtime),
+                      views=({"k": source.views, "augment": source.augment, "version": VIEWS_VERSION}
+                             if isinstance(source, ViewSource) else None))
+
+
+def config_key_with_sets(plan: ExtractionPlan, feature_sets: tuple[tuple[str, int], ...]) -> str:
+    """The config key ``plan`` would have with these extra feature sets instead of its own: an
+    entry of the same images whose ``config_key`` attribute equals it holds the same default
+    features, and each of its sets is the same node, pool and preprocessing as ours of that name."""
+    spec = dataclasses.replace(plan.backbone, feature_sets=tuple(feature_sets))
+    return _config_key(plan.source, spec, plan.precision, plan.store_dtype, plan.runtime)
+
+
 def _keyed_plan(source: ImageSource, spec: BackboneSpec, request: BackboneRequest | None, built: Backbone | None,
                 device: str, precision: str, store_dtype: str, cache_dir: Path, runtime: str) -> ExtractionPlan:
-    cfg_key = config_key(backbone={k: v for k, v in spec.to_dict().items() if k != "dim"},
-                         preprocess=spec.preprocess.to_dict(), precision=precision, store_dtype=store_dtype,
-                         decoder_version=DECODER_VERSION, runtime=key_payload(runtime),
-                         views=({"k": source.views, "augment": source.augment, "version": VIEWS_VERSION}
-                                if isinstance(source, ViewSource) else None))
+    cfg_key = _config_key(source, spec, precision, store_dtype, runtime)
     manifest = source.manifest_sha256()
     key = cache_key(config=cfg_key, manifest_sha256=manifest)
     final, partial, _ = entry_paths(cache_dir, key)

@@ -24,7 +24,7 @@ STORE_DTYPES = ("float16", "float32")
 ROWS_PER_CHUNK = 256
 #: Root attributes stored as JSON strings.
 JSON_ATTRS = ("class_names", "backbone", "preprocess", "versions", "source", "split_mapping", "column_crc32",
-              "feature_sets")
+              "feature_sets", "composed_from")
 #: Root attribute with the CRC-32 of each whole column (and of the /errors table).
 COLUMN_CRC32 = "column_crc32"
 #: Dataset of one CRC-32 per block of :data:`ROWS_PER_CHUNK` feature rows.

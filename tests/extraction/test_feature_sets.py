@@ -286,3 +286,78 @@ def test_cli_layers_features_and_errors(folder, tmp_path):
     assert few.exit_code == 0, few.output
     pools = runner.invoke(main, ["extract", str(folder), "-b", TINY, "--cache-dir", cache, "--pool", "avg,max"])
     assert pools.exit_code != 0 and "--layers NODES" in pools.output
+
+
+def _count_convs(monkeypatch):
+    """Images through the stem conv and through the second conv, per forward pass."""
+    seen = {"stem": 0, "second": 0}
+    real = loop_mod.inference_module
+
+    def counting(bb, device, **kw):
+        module = real(bb, device, **kw)
+        for sub in module.modules():
+            if isinstance(sub, nn.Conv2d):
+                which = "stem" if sub.in_channels == 3 else "second"
+                sub.register_forward_pre_hook(lambda _m, args, w=which: seen.__setitem__(w, seen[w] + args[0].shape[0]))
+        return module
+
+    monkeypatch.setattr(loop_mod, "inference_module", counting)
+    return seen
+
+
+def test_a_set_asked_for_later_computes_only_that_one(folder, tmp_path, monkeypatch):
+    plain = run(folder, tmp_path / "c")
+    seen = _count_convs(monkeypatch)
+    later = run(folder, tmp_path / "c", layers="features.1")
+    # one pass of the network cut at features.1: the stem runs, the second conv never does
+    assert seen == {"stem": 40, "second": 0}
+    assert later.attrs["extract_loop"] == "composed" and not later.cache_hit
+    assert later.stats.computed_rows == 40 and later.stats.reused_rows == 40
+    assert later.attrs["composed_from"]["penultimate"] == plain.cache_key
+    np.testing.assert_array_equal(later.features, plain.features)
+    one_pass = run(folder, tmp_path / "one", layers="features.1")
+    assert one_pass.cache_key == later.cache_key and one_pass.attrs.get("extract_loop") != "composed"
+    np.testing.assert_allclose(later.feature_sets["features.1:avg"], one_pass.feature_sets["features.1:avg"],
+                               rtol=1e-3, atol=1e-4)
+    assert verify_entry(later.path).ok
+    assert run(folder, tmp_path / "c", layers="features.1").cache_hit
+
+
+def test_sets_an_entry_already_holds_are_copied_without_running_the_model(entry, folder, tmp_path, monkeypatch):
+    seen = _count_convs(monkeypatch)
+    fewer = run(folder, tmp_path / "c", layers="features.4", pools="max")
+    assert seen == {"stem": 0, "second": 0} and fewer.stats.computed_rows == 0
+    assert fewer.feature_set_names == ["penultimate", "features.4:max"]
+    np.testing.assert_array_equal(fewer.feature_sets["features.4:max"], entry.feature_sets["features.4:max"])
+
+
+def test_more_than_one_missing_set_runs_in_one_pass(folder, tmp_path, monkeypatch):
+    run(folder, tmp_path / "c")
+    seen = _count_convs(monkeypatch)
+    store = run(folder, tmp_path / "c", layers=LAYERS, pools="avg,max")
+    assert store.attrs["extract_loop"] != "composed" and seen == {"stem": 40, "second": 40}
+
+
+@pytest.mark.parametrize("other", [{"store_dtype": "float32"}, {"weights": "other"}])
+def test_an_entry_of_another_configuration_is_never_a_donor(folder, tmp_path, other):
+    run(folder, tmp_path / "c", **other)
+    store = run(folder, tmp_path / "c", layers="features.1")
+    assert store.attrs["extract_loop"] != "composed" and store.stats.reused_rows == 0
+
+
+def test_a_damaged_donor_is_passed_over_with_a_warning(folder, tmp_path):
+    plain = run(folder, tmp_path / "c")
+    with h5py.File(plain.path, "r+") as f:
+        f["features"][3] = f["features"][3] + 1  # the block checksum no longer matches
+    store = run(folder, tmp_path / "c", layers="features.1")
+    assert store.attrs["extract_loop"] != "composed"
+    assert any("could not be read" in w for w in store.stats.warnings)
+    np.testing.assert_allclose(store.features[4:], plain.features[4:], rtol=1e-3, atol=1e-4)
+
+
+def test_views_line_up_in_a_composed_entry(folder, tmp_path):
+    plain = run(folder, tmp_path / "c", views=2)
+    later = run(folder, tmp_path / "c", views=2, layers="features.1")
+    assert later.attrs["extract_loop"] == "composed"
+    np.testing.assert_array_equal(later.views.select_features(), plain.views.select_features())
+    assert later.views.select_features("features.1:avg").shape[0] == len(plain.views)
