@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import h5py
 import numpy as np
@@ -44,17 +44,15 @@ from embedcache.store.hdf5 import (
 from embedcache.store.reader import FeatureStore
 from embedcache.store.schema import BLOCK_CRC32, SUFFIX
 
-if TYPE_CHECKING:
-    from embedcache.extraction.extract import ExtractResult
-
 #: Missing sets computed one at a time at most; with more, the whole list runs in one pass.
 MAX_COMPUTED_SETS = 1
 
 #: Rows per write (and commit) when the entry is assembled.
 COPY_BLOCK_ROWS = 8192
 
-#: Extracts one set alone: ``(node, pool) -> ExtractResult`` (``extract(..., layer=node, pool=pool)``).
-SetExtractor = Callable[[str, str], "ExtractResult"]
+#: Extracts one set alone: ``(node, pool) ->`` the :class:`~embedcache.extraction.extract.ExtractResult`
+#: of ``extract(..., layer=node, pool=pool)`` (typed loosely: extract imports this module).
+SetExtractor = Callable[[str, str], Any]
 
 
 @dataclass(frozen=True)
