@@ -123,6 +123,7 @@ class StoreWriter:
         self.resumed_rows = 0
         self.warnings: list[str] = []
         self._broken = False
+        self._underflow_noted = False
 
     # -- lifecycle
     def __enter__(self) -> StoreWriter:
@@ -270,6 +271,8 @@ class StoreWriter:
             raise CacheError(f"The backbone produced NaN or infinite features for rows {rows[:5].tolist()}...; "
                              f"refusing to cache them. Try --precision fp32.")
         data = features.astype(self.store_dtype, copy=False)
+        if data.dtype != features.dtype and not self._underflow_noted:
+            self._note_underflow(rows, features, data)
         # Contiguous runs are written as slices (one HDF5 call each), scattered rows one by one.
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         with self._writing(needed=self._bytes_needed(), kept=self._kept()):
@@ -280,6 +283,19 @@ class StoreWriter:
                 for run_rows, run_data in zip(np.split(rows, breaks), np.split(part, breaks), strict=False):
                     dset[int(run_rows[0]) : int(run_rows[-1]) + 1] = run_data
         self._pending_done.append(rows)
+
+    def _note_underflow(self, rows: np.ndarray, features: np.ndarray, data: np.ndarray) -> None:
+        """Warn (once) when most nonzero values of a batch became 0 in the stored dtype: features
+        that small (|x| < 3e-8 for float16) are lost, usually those of an untrained model."""
+        nonzero = features != 0
+        lost = int(np.count_nonzero(nonzero & (data == 0)))
+        if lost and lost * 2 > int(np.count_nonzero(nonzero)):
+            self._underflow_noted = True
+            self.warnings.append(
+                f"Most feature values of rows {int(rows[0])}-{int(rows[-1])} are too small for {self.store_dtype} "
+                f"(largest magnitude {float(np.abs(features).max()):.2g}) and are stored as 0. Such features are "
+                f"usually an untrained model's (e.g. --weights-tag none); to keep them, extract with "
+                f"--store-dtype float32.")
 
     def record_errors(self, failures: Iterable[tuple[int, str]]) -> None:
         """Record ``(row, message)`` failures in the /errors table."""

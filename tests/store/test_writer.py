@@ -69,3 +69,19 @@ def test_not_an_embedcache_file(tmp_path):
         f["done"] = np.ones(1, bool)
     with pytest.raises(CacheError, match="not an embedcache entry"):
         FeatureStore.open(path)
+
+
+@pytest.mark.parametrize("scale, warned", [(1e-14, True), (1e-3, False)])
+def test_features_too_small_for_float16_are_noted_once(tmp_path, scale, warned):
+    writer = StoreWriter(cache_dir=tmp_path, cache_key=KEY, n=4, dim=3, store_dtype="float16",
+                         attrs={}, paths=list("abcd"), labels=[0] * 4, splits=[0] * 4, file_sizes=[1] * 4,
+                         file_mtimes_ns=[1] * 4)
+    features = np.full((2, 3), scale, np.float32)
+    with writer:
+        writer.write_rows(np.array([0, 1]), features)
+        writer.write_rows(np.array([2, 3]), features)
+        writer.commit()
+    notes = [w for w in writer.warnings if "too small for float16" in w]
+    assert len(notes) == (1 if warned else 0)
+    if warned:
+        assert "rows 0-1" in notes[0] and "--store-dtype float32" in notes[0]
