@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from embedcache.errors import CacheError, CorruptEntryError
@@ -36,13 +35,12 @@ from embedcache.store.feature_sets import DEFAULT_SET, SET_CRCS_GROUP, SETS_GROU
 from embedcache.store.hdf5 import (
     check_safe,
     open_h5,
-    read_attrs,
     read_errors,
     read_numbers,
     verify_feature_blocks,
 )
-from embedcache.store.reader import FeatureStore
-from embedcache.store.schema import BLOCK_CRC32, SUFFIX
+from embedcache.store.reader import FeatureStore, complete_entries
+from embedcache.store.schema import BLOCK_CRC32
 
 #: Missing sets computed one at a time at most; with more, the whole list runs in one pass.
 MAX_COMPUTED_SETS = 1
@@ -61,7 +59,6 @@ class Donor:
 
     path: Path
     cache_key: str
-    sets: tuple[str, ...]
     missing: tuple[str, ...]
 
 
@@ -75,15 +72,10 @@ def find_donor(plan: ExtractionPlan) -> Donor | None:
     """The complete entry that lacks the fewest of the plan's feature sets, or None."""
     wanted = [name for name, _ in plan.backbone.feature_sets]
     best: Donor | None = None
-    for path in sorted(plan.cache_dir.glob(f"*{SUFFIX}")):
-        if path == plan.final_path or not path.is_file() or path.is_symlink():
+    for path, attrs in complete_entries(plan.cache_dir):
+        if path == plan.final_path:
             continue
-        try:
-            with h5py.File(path, "r", locking=False) as handle:
-                attrs = read_attrs(handle)
-        except (OSError, ValueError, KeyError, TypeError, CorruptEntryError):
-            continue  # unreadable: not a donor (`embedcache verify` reports it)
-        if not attrs.get("complete") or attrs.get("manifest_sha256") != plan.manifest_sha256:
+        if attrs.get("manifest_sha256") != plan.manifest_sha256:
             continue
         try:
             sets = tuple(recorded_sets(attrs))
@@ -94,7 +86,7 @@ def find_donor(plan: ExtractionPlan) -> Donor | None:
         held = {name for name, _ in sets}
         missing = tuple(name for name in wanted if name not in held)
         if best is None or len(missing) < len(best.missing):
-            best = Donor(path, str(attrs.get("cache_key", "")), tuple(held), missing)
+            best = Donor(path, str(attrs.get("cache_key", "")), missing)
     return best
 
 

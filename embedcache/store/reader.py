@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,6 @@ from embedcache.splits import parse_split
 from embedcache.store.feature_sets import DEFAULT_SET, read_sets, select_features
 from embedcache.store.hdf5 import (
     READ_FAILURES,
-    attr_value,
     check_safe,
     column_attr,
     open_h5,
@@ -234,21 +234,31 @@ def _check_header(attrs: dict[str, Any], path: Path, allow_partial: bool) -> Non
         raise CacheError(f"{str(path)!r} is not complete; rerun the extract command to resume it.")
 
 
+def complete_entries(cache_dir: str | os.PathLike) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """``(path, root attributes)`` of every complete entry in ``cache_dir`` whose header reads
+    (unreadable files are skipped: ``embedcache verify`` reports them), in name order."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return
+    for path in sorted(cache_dir.glob(f"*{SUFFIX}")):
+        if path.is_symlink() or not path.is_file():
+            continue
+        try:
+            with h5py.File(path, "r", locking=False) as handle:
+                attrs = read_attrs(handle)
+        except (OSError, ValueError, KeyError, TypeError, CorruptEntryError):
+            continue
+        if attrs.get("complete"):
+            yield path, attrs
+
+
 def find_reusable_entry(cache_dir: str | os.PathLike, config_key: str) -> Path | None:
     """Newest complete entry built with the same config (backbone, preprocessing, precision...)."""
     best: tuple[str, Path] | None = None
-    cache_dir = Path(cache_dir)
-    if not cache_dir.is_dir():
-        return None
-    for path in cache_dir.glob(f"*{SUFFIX}"):
-        try:
-            with h5py.File(path, "r", locking=False) as handle:
-                attrs = handle.attrs
-                if attr_value(attrs, "config_key") != config_key or not attr_value(attrs, "complete"):
-                    continue
-                updated = str(attr_value(attrs, "updated", ""))
-        except OSError:
+    for path, attrs in complete_entries(cache_dir):
+        if attrs.get("config_key") != config_key:
             continue
+        updated = str(attrs.get("updated", ""))
         if best is None or updated > best[0]:
             best = (updated, path)
     return None if best is None else best[1]
