@@ -32,7 +32,9 @@ def verify_command(entries: tuple[str, ...], cache_dir: Path, as_json: bool) -> 
                               indent=2))
     for r in reports if not as_json else []:
         status = "ok" if r.ok else "FAILED"
-        click.echo(f"{status:<7}{r.path}  ({r.rows_done}/{r.rows} rows done, {r.blocks} feature blocks checked)")
+        # a check that stopped early (an unreadable file, a damaged shard) has counted nothing
+        counted = f"  ({r.rows_done}/{r.rows} rows done, {r.blocks} feature blocks checked)" if r.rows else ""
+        click.echo(f"{status:<7}{r.path}{counted}")
         for problem in r.problems:
             click.echo(f"  problem: {problem}")
         for note in r.notes:

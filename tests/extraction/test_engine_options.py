@@ -53,3 +53,39 @@ def test_the_local_engine_needs_no_ray(folder, tmp_path, no_ray):
 def test_engine_options_are_checked_before_any_work(folder, tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         extract(folder, backbone=TINY, workers=0, cache_dir=tmp_path / "c", batch_size=4, **kwargs)
+
+
+class _Cluster:
+    """Stands in for the ``ray`` module where only ``cluster_resources`` is asked."""
+
+    def __init__(self, **resources):
+        self.resources = resources
+
+    def cluster_resources(self):
+        return self.resources
+
+
+@pytest.mark.parametrize("resources, options, actors", [
+    ({"CPU": 16, "GPU": 4}, {"gpus_per_worker": 1}, 4),       # one actor per GPU
+    ({"CPU": 16, "GPU": 4}, {"gpus_per_worker": 0.5}, 8),     # two actors share a GPU
+    ({"CPU": 16, "GPU": 4}, {"gpus_per_worker": 1, "concurrency": 2}, 2),
+    ({"CPU": 8}, {}, 4),                                      # CPU actors: half the CPUs, the rest decode
+    ({"CPU": 8}, {"concurrency": 7}, 7),
+])
+def test_the_actor_pool_is_sized_from_the_clusters_gpus_or_cpus(resources, options, actors):
+    from embedcache.extraction.ray_engine import RayOptions, _concurrency
+
+    assert _concurrency(_Cluster(**resources), RayOptions(**options)) == actors
+
+
+@pytest.mark.parametrize("resources, options, message", [
+    ({"CPU": 8}, {"gpus_per_worker": 1},
+     r"^The 'gpus_per_worker' parameter asks 1 GPUs per actor, but the Ray cluster has 0\. Pass --gpus-per-worker 0"),
+    ({"CPU": 8, "GPU": 1}, {"gpus_per_worker": 2}, r"asks 2 GPUs per actor, but the Ray cluster has 1"),
+    ({"CPU": 2}, {"concurrency": 2}, r"^The 'concurrency' parameter \(2\) leaves no CPU for decoding.*--concurrency 1"),
+])
+def test_an_actor_pool_the_cluster_cannot_hold_is_refused_naming_the_parameter(resources, options, message):
+    from embedcache.extraction.ray_engine import RayOptions, _concurrency
+
+    with pytest.raises(ConfigError, match=message):
+        _concurrency(_Cluster(**resources), RayOptions(**options))

@@ -107,6 +107,7 @@ def test_damaged_shards_are_named_by_verify_and_only_they_are_recomputed(sharded
     entry = cache / f"{reference.cache_key[:16]}.h5"
     result = CliRunner().invoke(main, ["verify", str(entry)])
     assert result.exit_code == 1 and "shard-00001.h5" in result.output
+    assert "rows done" not in result.output  # the check stopped at the shard: nothing was counted
     os.replace(entry, tmp_path / "aside.h5")  # with shard 1 back, verify names the flipped shard 2
     shutil.copy(shards_dir(sharded[0], reference.cache_key) / shard_name(1), folder_of_shards / shard_name(1))
     os.replace(tmp_path / "aside.h5", entry)
