@@ -59,20 +59,25 @@ def _candidates(store: FeatureStore, *, saving: bool, notes: list[str]) -> list[
     """Every set of the entry, then (with two or more distinct sets) their concatenation: earlier
     and later layers together often beat any one of them, and the choice stays on val. A set
     holding the same features as an earlier one up to rounding (EfficientNet's ``stages`` end on
-    the penultimate features again) is left out of the concatenation. With ``saving`` (``--out``) the
+    the penultimate features again) is left out, with a note: its sweep would repeat the earlier
+    one's, and it would only duplicate columns of the concatenation. With ``saving`` (``--out``) the
     concatenation is no candidate: a saved probe rebuilds one set."""
-    names = store.feature_set_names
     distinct: list[str] = []
-    for name in names:
-        if not any(_same_features(store.select_features(d), store.select_features(name)) for d in distinct):
+    for name in store.feature_set_names:
+        twin = next((d for d in distinct if _same_features(store.select_features(d), store.select_features(name))),
+                    None)
+        if twin is None:
             distinct.append(name)
+        else:  # its sweep would repeat the twin's, fit for fit
+            notes.append(f"Feature set {name!r} holds the same features as {twin!r} up to rounding; it is swept "
+                         f"once, as {twin!r}.")
     if len(distinct) < 2:
-        return names
+        return distinct
     if saving:
         notes.append("With --out the concatenation of every set is not a candidate (a saved probe rebuilds one "
                      "set); drop --out to let the sweep try it.")
-        return names
-    return [*names, CONCAT.join(distinct)]
+        return distinct
+    return [*distinct, CONCAT.join(distinct)]
 
 
 def probe_all_sets(entry: str | os.PathLike | FeatureStore, *, head: str | None = None, penalties: Any = None,

@@ -247,14 +247,17 @@ def test_probe_all_chooses_on_val_and_scores_test_once(entry, monkeypatch, tmp_p
     result = sweep_mod.probe_all_sets(entry, penalties=[1e-3, 1e-1])
     assert scored == [1]
     names = list(dict.fromkeys(row["features"] for row in result.feature_sweep))
-    assert names[:-1] == ["penultimate", *SETS]  # each set, then the concatenation of the distinct ones
+    # each set (the tiny backbone's features.4:avg is its penultimate set again: swept once), then
+    # the concatenation of the distinct ones
+    assert names[:-1] == ["penultimate", "features.1:avg", "features.1:max", "features.4:max"]
+    assert any("'features.4:avg' holds the same features as 'penultimate'" in note for note in result.notes)
     assert names[-1].split("+")[0] == "penultimate" and set(names[-1].split("+")) <= {"penultimate", *SETS}
     assert len(names[-1].split("+")) >= 2
     assert len(result.feature_sweep) == 2 * len(names) and result.features in names
     best = max(r["val_top1"] for r in result.feature_sweep)
     assert max(r["val_top1"] for r in result.feature_sweep if r["features"] == result.features) == best
     saved = sweep_mod.probe_all_sets(entry, penalties=[1e-3], out=tmp_path / "p")  # a saved probe: one set
-    assert {row["features"] for row in saved.feature_sweep} == {"penultimate", *SETS}
+    assert {row["features"] for row in saved.feature_sweep} == {"penultimate", *SETS} - {"features.4:avg"}
     assert any("concatenation of every set is not a candidate" in note for note in saved.notes)
     with pytest.raises(ConfigError, match="--features all chooses the penalty on val itself; drop --penalty"):
         sweep_mod.probe_all_sets(entry, penalty=0.1)
@@ -361,3 +364,16 @@ def test_views_line_up_in_a_composed_entry(folder, tmp_path):
     assert later.attrs["extract_loop"] == "composed"
     np.testing.assert_array_equal(later.views.select_features(), plain.views.select_features())
     assert later.views.select_features("features.1:avg").shape[0] == len(plain.views)
+
+
+def test_probe_all_sweeps_a_set_equal_to_an_earlier_one_once(entry):
+    import embedcache.experiments.feature_sweep as sweep_mod
+
+    store = FeatureStore.open(entry.path)
+    twin = store.feature_sets["features.1:avg"]
+    store.feature_sets["features.1:max"] = (twin.astype(np.float32) * (1 + 1e-3)).astype(twin.dtype)  # rounding apart
+    result = sweep_mod.probe_all_sets(store, penalties=[1e-3])
+    names = list(dict.fromkeys(row["features"] for row in result.feature_sweep))
+    assert names[:-1] == ["penultimate", "features.1:avg", "features.4:max"]
+    assert set(names[-1].split("+")) == {"penultimate", "features.1:avg", "features.4:max"}
+    assert any("'features.1:max' holds the same features as 'features.1:avg'" in note for note in result.notes)
