@@ -30,12 +30,23 @@ from embedcache.heads.solver import (
 )
 from embedcache.runtime import cpu_has_native_bf16
 
-#: Largest feature dimension for which L-BFGS is preconditioned with the data's covariance
-#: eigenbasis (an eigendecomposition of a dim x dim matrix: ~0.2 s at 1280, ~d^3). Concatenated
-#: feature sets need it most: on full Fashion-MNIST, lite0's distinct stages concatenated (2096 dims)
-#: reached test 0.9069 unpreconditioned within the sweep's iteration budgets and 0.9142 with it
-#: (19.7 s for that set's whole sweep, against 32.5 s for 0.9141 unpreconditioned at 12 iterations).
-PRECONDITION_MAX_DIM = 4096
+#: Largest feature dimension for which L-BFGS is always preconditioned with the data's
+#: covariance eigenbasis. The eigendecomposition runs on one thread and grows faster than d^3
+#: (2-core AMD EPYC, float32: 0.31 s at 1280, 1.2 s at 2048, 6.3 s at 3072, 17.6 s at 4096).
+PRECONDITION_MAX_DIM = 2048
+#: Wider features are preconditioned too, up to this dimension, when the data are large
+#: (rows x dim >= PRECONDITION_LARGE_SIZE), where the fits cost more than the decomposition and
+#: converge too slowly without it: on full Fashion-MNIST, lite0's distinct stages concatenated
+#: (54k x 2096) reached test 0.9069 unpreconditioned within the sweep's iteration budgets and
+#: 0.9142 with it (19.7 s for that set's whole sweep, against 32.5 s for 0.9141 unpreconditioned at
+#: 12 iterations). Small data (few-shot fits) stay unpreconditioned above PRECONDITION_MAX_DIM.
+PRECONDITION_LARGE_MAX_DIM = 3072
+PRECONDITION_LARGE_SIZE = 54_000 * 1280
+
+
+def preconditioned(rows: int, dim: int) -> bool:
+    """Whether a path on ``rows`` x ``dim`` data gets the covariance preconditioner."""
+    return dim <= PRECONDITION_MAX_DIM or (dim <= PRECONDITION_LARGE_MAX_DIM and rows * dim >= PRECONDITION_LARGE_SIZE)
 #: Largest bf16 data matrix (bytes) for which a CPU fit also keeps a transposed copy: the bf16
 #: gradient pass ``G^T Z`` reads a (features x rows) matrix about 30% faster than the row-major
 #: one (2-core AVX-512 CPU, 54k x 1280), for twice the memory. In float32 the row-major product
@@ -122,7 +133,7 @@ class SoftmaxPath:
         self.data, self.columns = standardised_matrix(X, self.mean, self.scale, dtype, self.device,
                                                       transposed=transposed)
         self.target = torch.from_numpy(y_index.astype(np.int64).reshape(-1)).to(self.device)
-        self.covariance = DataCovariance(self.data[:stats_rows]) if X.shape[1] <= PRECONDITION_MAX_DIM else None
+        self.covariance = DataCovariance(self.data[:stats_rows]) if preconditioned(stats_rows, X.shape[1]) else None
         self.memory = LBFGSMemory()
         self.state: SoftmaxState | None = None
         self.state_rows = 0

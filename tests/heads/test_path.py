@@ -56,3 +56,12 @@ def test_float32_data_keeps_no_transposed_copy():
     X, y = blobs(n=300, d=30, k=3)
     assert SoftmaxPath(X, y, data_dtype="float32").columns is None
     assert SoftmaxPath(X, y, data_dtype="bfloat16").columns is not None
+
+
+def test_wide_features_are_preconditioned_only_on_large_data():
+    from embedcache.heads.path import preconditioned
+
+    assert preconditioned(50, 2048) and preconditioned(54_000, 1280)
+    assert preconditioned(54_000, 2096)                 # lite0's stages concatenated, full Fashion-MNIST
+    assert not preconditioned(500, 2096)                # a few-shot fit: the decomposition would dominate
+    assert not preconditioned(1_000_000, 4096)          # 17.6 s for the decomposition alone on 2 cores
