@@ -47,6 +47,8 @@ PRECONDITION_LARGE_SIZE = 54_000 * 1280
 def preconditioned(rows: int, dim: int) -> bool:
     """Whether a path on ``rows`` x ``dim`` data gets the covariance preconditioner."""
     return dim <= PRECONDITION_MAX_DIM or (dim <= PRECONDITION_LARGE_MAX_DIM and rows * dim >= PRECONDITION_LARGE_SIZE)
+
+
 #: Largest bf16 data matrix (bytes) for which a CPU fit also keeps a transposed copy: the bf16
 #: gradient pass ``G^T Z`` reads a (features x rows) matrix about 30% faster than the row-major
 #: one (2-core AVX-512 CPU, 54k x 1280), for twice the memory. In float32 the row-major product
