@@ -5,9 +5,10 @@ directory (exported by an earlier run: once per backbone configuration), nothing
 needed: the export is found from the backbone's remembered identity
 (:func:`find_cached_export`), images are decoded to uint8 HWC arrays by a pool of threads (PIL
 releases the GIL while it decodes and resizes) running :data:`PREFETCH_BATCHES` batches ahead
-of the model, and the runtime is compiled while the first batches decode. A runtime that runs
-several batches side by side (OpenVINO compiled for throughput: one stream per batch) is kept
-fed with that many batches in flight; they are collected in order. The batches, the
+of the model, and the runtime is compiled while the first batches decode (with a longer lead
+then, :func:`startup_lead`, so that the other cores do not idle). A runtime that runs several
+batches side by side (OpenVINO compiled for throughput: one stream per batch) is kept fed with
+that many batches in flight; they are collected in order. The batches, the
 decoding and the export are the ones the DataLoader loop uses, so the features are the same,
 bitwise; what is saved is importing torch (seconds of start-up) and building the torch model.
 """
@@ -33,6 +34,10 @@ from embedcache.sources.base import ImageSource
 
 #: Batches being decoded ahead of the model.
 PREFETCH_BATCHES = 2
+#: While the runtime is imported and compiled (a few tenths of a second on one core), the
+#: decoding threads run further ahead, up to this many bytes of decoded images: the other cores
+#: would idle otherwise. The model then drains that lead; the steady state is PREFETCH_BATCHES.
+STARTUP_DECODE_BYTES = 64 << 20
 
 
 def find_cached_export(plan: ExtractionPlan) -> Path | None:
@@ -86,7 +91,8 @@ def run_exported_batches(build: Callable[[], ExportedBackbone], source: ImageSou
 
     try:
         upcoming = iter(batches)
-        decoding = collections.deque(submit(rows) for rows in itertools.islice(upcoming, PREFETCH_BATCHES))
+        lead = startup_lead(batches, spec) if pool is not None else PREFETCH_BATCHES
+        decoding = collections.deque(submit(rows) for rows in itertools.islice(upcoming, lead))
         model = build()
         depth = max(1, int(model.pipeline_depth))
         running: collections.deque[tuple[np.ndarray, list[tuple[int, str]], Any]] = collections.deque()
@@ -94,8 +100,10 @@ def run_exported_batches(build: Callable[[], ExportedBackbone], source: ImageSou
             while decoding or running:
                 while decoding and len(running) < depth:  # keep the model's requests busy
                     items = decoding.popleft()
-                    following = next(upcoming, None)
-                    if following is not None:
+                    while len(decoding) < PREFETCH_BATCHES:
+                        following = next(upcoming, None)
+                        if following is None:
+                            break
                         decoding.append(submit(following))
                     decoded = [f.result() for f in items] if pool is not None else [decode_row(load, i) for i in items]
                     running.append(_start(model, decoded))
@@ -106,6 +114,13 @@ def run_exported_batches(build: Callable[[], ExportedBackbone], source: ImageSou
             model.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def startup_lead(batches: Sequence[Sequence[int]], spec: PreprocessSpec) -> int:
+    """How many batches decode while the runtime is built: as many as fit in
+    :data:`STARTUP_DECODE_BYTES` of decoded images, at least :data:`PREFETCH_BATCHES`."""
+    per_batch = max(1, max(len(rows) for rows in batches) * spec.crop_size * spec.crop_size * 3)
+    return max(PREFETCH_BATCHES, min(len(batches), STARTUP_DECODE_BYTES // per_batch))
 
 
 def _start(model: ExportedBackbone, decoded: list[tuple[int, np.ndarray | None, str | None]]

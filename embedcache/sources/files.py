@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import os
 import posixpath
+import stat as stat_module
 from pathlib import Path
 
 from embedcache.errors import DataSourceError
@@ -50,6 +51,8 @@ def _walk_images(top: str) -> list[str]:
 def printable(text: str) -> str:
     """A name as valid UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogates) are
     shown as ``\\xNN`` escapes."""
+    if text.isascii():  # the common case; a name kept with surrogates is never ASCII
+        return text
     return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
@@ -57,22 +60,41 @@ def _file_sample(root: str, path: str, label: int, split: int, problems: dict[st
     """The sample of one file; a file that cannot be used as it is named (a dangling symlink,
     a symlink loop, a symlink out of the root, a name that is not UTF-8) becomes a sample whose
     decoding fails with that reason, so it is recorded and skipped like an undecodable image."""
-    rel = Path(os.path.relpath(path, root)).as_posix()
+    rel = _relative(path, root)
     shown = printable(rel)
     problem = None
     if shown != rel:
         problem = "the file name is not valid UTF-8 (shown escaped); rename the file to include it"
-    elif os.path.islink(path):
-        problem = _symlink_problem(path, root)
-    if problem is None:
+    else:
         try:
-            stat = os.stat(path)
+            # One lstat per file (a folder of 70k images is scanned on every run); a symlink
+            # is checked and then followed.
+            info = os.lstat(path)
+            if stat_module.S_ISLNK(info.st_mode):
+                problem = _symlink_problem(path, root)
+                if problem is None:
+                    info = os.stat(path)
         except OSError as exc:
             problem = f"cannot read file ({exc.strerror or exc})"
-        else:
-            return Sample(rel, label, int(split), stat.st_size, stat.st_mtime_ns)
+        if problem is None:
+            return Sample(rel, label, int(split), info.st_size, info.st_mtime_ns)
     problems[shown] = problem
     return Sample(shown, label, int(split), 0, 0)
+
+
+def _relative(path: str, root: str) -> str:
+    """``path`` relative to ``root`` with ``/`` separators: a string cut when ``path`` is a plain
+    path under ``root`` (the files a walk of ``root`` finds), ``relpath`` otherwise (``.``,
+    ``..`` or empty parts, which it normalises)."""
+    sep = os.sep
+    prefix = root.rstrip(sep) + sep
+    cut = sep + path[len(prefix):]
+    if (path.startswith(prefix) and len(cut) > 1 and sep * 2 not in cut and sep + "." not in cut
+            and not cut.endswith(sep)):
+        rel = cut[1:]
+    else:
+        rel = os.path.relpath(path, root)
+    return rel if sep == "/" else Path(rel).as_posix()
 
 
 def _symlink_problem(path: str, root: str) -> str | None:

@@ -5,6 +5,7 @@ The real runtimes' runs are in openvino_cases.py / onnxruntime_cases.py."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +133,37 @@ def test_a_pipelined_model_gets_its_depth_of_batches_in_flight_and_they_come_bac
         _, images, _ = collate_images([dataset[i] for i in batch.rows.tolist()])
         np.testing.assert_array_equal(batch.outputs, images.permute(0, 2, 3, 1).reshape(len(images), -1).numpy())
     assert events == ["built", "closed"]
+
+
+def test_decoding_runs_further_ahead_while_the_model_is_built_within_a_byte_budget(source, monkeypatch):
+    from embedcache.extraction import exported_loop
+
+    batches = row_batches(np.zeros(len(source), bool), 2)
+    image_bytes = SPEC.crop_size**2 * 3
+    monkeypatch.setattr(exported_loop, "STARTUP_DECODE_BYTES", 4 * 2 * image_bytes)
+    assert exported_loop.startup_lead(batches, SPEC) == 4  # four batches of two fit the budget
+    monkeypatch.setattr(exported_loop, "STARTUP_DECODE_BYTES", 1)
+    assert exported_loop.startup_lead(batches, SPEC) == exported_loop.PREFETCH_BATCHES
+    monkeypatch.setattr(exported_loop, "STARTUP_DECODE_BYTES", 1 << 30)
+    assert exported_loop.startup_lead(batches, SPEC) == len(batches)
+
+    loaded: list[int] = []
+    original = source.load_image
+
+    def load(index):
+        loaded.append(index)
+        return original(index)
+
+    source.load_image = load
+    seen_at_build: list[int] = []
+
+    def build():
+        deadline = time.monotonic() + 5
+        while len(loaded) < len(source) and time.monotonic() < deadline:
+            threading.Event().wait(0.01)
+        seen_at_build.append(len(loaded))
+        return FakeModel([])
+
+    out = list(run_exported_batches(build, source, SPEC, batches, decoders=2))
+    assert seen_at_build == [len(source)]  # every image decoded before the model existed
+    assert [sorted(b.rows.tolist() + [i for i, _ in b.failures]) for b in out] == [sorted(r) for r in batches]

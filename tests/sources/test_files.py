@@ -156,3 +156,27 @@ def test_manifest_hash_tracks_content_mtime_label_not_location(tmp_path):
 
     (moved / "m.csv").write_text("path,label,split\ncat/000.png,dog,train\ndog/000.png,dog,test\n")
     assert open_source(moved / "m.csv").manifest_sha256() != base_csv
+
+
+@pytest.mark.parametrize("path,root", [
+    ("/data/a/b.png", "/data"), ("/data/b.png", "/data/"), ("/x.png", "/"),
+    ("/data/./b.png", "/data"), ("/data/a/../b.png", "/data"), ("/data//b.png", "/data"),
+    ("/data/.hidden/b.png", "/data"), ("/database/b.png", "/data"), ("/other/b.png", "/data"),
+])
+def test_relative_names_match_relpath(path, root):
+    """The scan's fast relative name is exactly what os.path.relpath gives, for plain paths
+    under the root and for the odd ones it leaves to relpath."""
+    from embedcache.sources.files import _relative
+
+    assert _relative(path, root) == os.path.relpath(path, root)
+
+
+def test_scan_records_size_and_mtime_of_symlink_targets(tmp_path):
+    root = tmp_path / "root"
+    save(solid(), root / "cat" / "a.png")
+    os.symlink(root / "cat" / "a.png", root / "cat" / "link.png")
+    source = open_source(root)
+    real, link = sorted(source.samples, key=lambda s: s.path)
+    target = os.stat(root / "cat" / "a.png")
+    assert (link.path, link.size, link.mtime_ns) == ("cat/link.png", target.st_size, target.st_mtime_ns)
+    assert (real.size, real.mtime_ns) == (link.size, link.mtime_ns)
