@@ -25,11 +25,13 @@ class Progress:
 @dataclass
 class Batch:
     """One batch out of the loop: ``outputs`` is ``(len(rows), D)`` float32, None when every
-    image of the batch failed."""
+    image of the batch failed; ``decode_wait``: seconds the loop, its model built, waited for
+    this batch's decoded images (0 when decoding kept ahead of the model)."""
 
     rows: np.ndarray
     outputs: np.ndarray | None
     failures: list[tuple[int, str]]
+    decode_wait: float = 0.0
 
 
 def decode_row(load: Callable[[int], Any], index: int) -> tuple[int, Any, str | None]:

@@ -31,12 +31,13 @@ COMMIT_EVERY_BATCHES = 4
 
 @dataclass(frozen=True)
 class LoopTimes:
-    """Seconds of the inference loop, of the writer thread's writes, and of the loop waiting on
-    the writer (a full queue)."""
+    """Seconds of the inference loop, of the writer thread's writes, of the loop waiting on
+    the writer (a full queue), and of the loop waiting for decoded images."""
 
     loop: float
     write: float
     write_wait: float
+    decode_wait: float
 
 
 def compute_entry(plan: ExtractionPlan, bb: Backbone | None, options: RunOptions,
@@ -62,6 +63,7 @@ def compute_entry(plan: ExtractionPlan, bb: Backbone | None, options: RunOptions
                                       "extract_threads": options.threads, "extract_workers": options.workers,
                                       "extract_write_seconds": times.write,
                                       "extract_write_wait_seconds": times.write_wait,
+                                      "extract_decode_wait_seconds": times.decode_wait,
                                       "extract_loop": "dataloader" if export is None else "threads"})
         resumed, warnings = writer.resumed_rows, list(writer.warnings)
     store = FeatureStore.open(final_path)
@@ -113,8 +115,10 @@ def _write_batches(plan: ExtractionPlan, writer: StoreWriter, batches: list[list
     attempted = int(writer.attempted.sum())
     failed = writer.n_failed  # the loop's own count: the writer is the thread's until it is closed
     loop_started = time.perf_counter()
+    decode_wait = 0.0
     with WriterThread(writer) as thread:
         for index, batch in enumerate(_stream(plan, batches, options, bb, export)):
+            decode_wait += batch.decode_wait
             failed += len(batch.failures)  # rows not attempted before: every failure is new
             attempted += len(batch.rows) + len(batch.failures)
             too_many = options.max_errors is not None and failed > options.max_errors
@@ -128,7 +132,7 @@ def _write_batches(plan: ExtractionPlan, writer: StoreWriter, batches: list[list
                 done_now = attempted - (n - computed)
                 progress(Progress(done=attempted, total=n, failed=failed,
                                   images_per_s=done_now / elapsed if elapsed > 0 else 0.0))
-    return LoopTimes(time.perf_counter() - loop_started, thread.write_seconds, thread.wait_seconds)
+    return LoopTimes(time.perf_counter() - loop_started, thread.write_seconds, thread.wait_seconds, decode_wait)
 
 
 def _reuse_unchanged_rows(writer: StoreWriter, plan: ExtractionPlan) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -95,7 +96,7 @@ def run_exported_batches(build: Callable[[], ExportedBackbone], source: ImageSou
         decoding = collections.deque(submit(rows) for rows in itertools.islice(upcoming, lead))
         model = build()
         depth = max(1, int(model.pipeline_depth))
-        running: collections.deque[tuple[np.ndarray, list[tuple[int, str]], Any]] = collections.deque()
+        running: collections.deque[tuple[np.ndarray, list[tuple[int, str]], Any, float]] = collections.deque()
         with reuse_freed_memory():
             while decoding or running:
                 while decoding and len(running) < depth:  # keep the model's requests busy
@@ -105,10 +106,11 @@ def run_exported_batches(build: Callable[[], ExportedBackbone], source: ImageSou
                         if following is None:
                             break
                         decoding.append(submit(following))
+                    waiting = time.perf_counter()
                     decoded = [f.result() for f in items] if pool is not None else [decode_row(load, i) for i in items]
-                    running.append(_start(model, decoded))
-                rows, failures, handle = running.popleft()  # the oldest first: batches stay in order
-                yield Batch(rows, None if handle is None else model.wait(handle), failures)
+                    running.append((*_start(model, decoded), time.perf_counter() - waiting))
+                rows, failures, handle, wait = running.popleft()  # the oldest first: batches stay in order
+                yield Batch(rows, None if handle is None else model.wait(handle), failures, wait)
     finally:
         if model is not None:
             model.close()

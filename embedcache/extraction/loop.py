@@ -168,18 +168,24 @@ def run_batches(module: Any | Deferred, dataset: ImageDataset, batches: Sequence
     reuse = reuse_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
     try:
         with reuse, torch.inference_mode(), autocast(device, precision):
-            for indices, images, failures in loader:
+            while True:
+                waiting = time.perf_counter()
+                item = next(loader, None)  # in-process decoding (workers=0) is all waiting
+                if item is None:
+                    break
+                indices, images, failures = item
+                wait = time.perf_counter() - waiting
                 if len(indices) == 0:
-                    yield Batch(indices.numpy(), None, failures)
+                    yield Batch(indices.numpy(), None, failures, wait)
                     continue
                 if getattr(module, "takes_uint8", False):
-                    yield Batch(indices.numpy(), module(images), failures)
+                    yield Batch(indices.numpy(), module(images), failures, wait)
                     continue
                 buffer = input_buffer(buffer, images, device)
                 outputs = module(model_input(images, device, dataset.spec, buffer)).float().cpu()
                 if buffer is not None and outputs.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
                     outputs = outputs.clone()  # a module that returns (a view of) its input: the next batch overwrites it
-                yield Batch(indices.numpy(), outputs.numpy(), failures)
+                yield Batch(indices.numpy(), outputs.numpy(), failures, wait)
     finally:
         if built and hasattr(module, "close"):
             module.close()  # a runtime's compiled model is released here, not at a random collection

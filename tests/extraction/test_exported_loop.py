@@ -167,3 +167,18 @@ def test_decoding_runs_further_ahead_while_the_model_is_built_within_a_byte_budg
     out = list(run_exported_batches(build, source, SPEC, batches, decoders=2))
     assert seen_at_build == [len(source)]  # every image decoded before the model existed
     assert [sorted(b.rows.tolist() + [i for i, _ in b.failures]) for b in out] == [sorted(r) for r in batches]
+
+
+def test_each_batch_says_how_long_the_model_waited_for_its_images(source):
+    original = source.load_image
+
+    def slow(index):
+        threading.Event().wait(0.02)
+        return original(index)
+
+    source.load_image = slow
+    batches = row_batches(np.zeros(len(source), bool), 2)
+    out = list(run_exported_batches(lambda: FakeModel([]), source, SPEC, batches, decoders=1))
+    # one decoding thread, 11 images of at least 20 ms each, an instant model: the loop waits for
+    # most of the decoding (all but what ran ahead while the model was built)
+    assert all(b.decode_wait >= 0 for b in out) and sum(b.decode_wait for b in out) >= 0.1
