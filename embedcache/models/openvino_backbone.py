@@ -53,17 +53,21 @@ def _export(bb: Backbone, directory: Path) -> None:
 class OpenVINOBackbone(ExportedBackbone):
     """A compiled OpenVINO backbone (see :class:`~embedcache.models.export_cache.ExportedBackbone`).
 
-    With ``requests`` > 1 (a model compiled for throughput: several streams, each on its own
-    threads), :meth:`start` runs a batch asynchronously on the next of ``requests`` infer
-    requests, round robin, so that many batches run side by side."""
+    With ``requests`` > 1 (a model compiled for throughput: that many streams, each on its own
+    threads), up to ``requests`` batches run side by side, and :meth:`start` splits each batch
+    into ``requests`` parts, one per stream: every batch then keeps every stream busy. Whole
+    batches, one per stream, left one stream alone on the last large batch of a run (200
+    resnet50 images in batches of 64 took 1.3x as long as one stream on both cores). OpenVINO's
+    features of a row do not depend on the rows beside it (a test compares)."""
 
     def __init__(self, compiled: Any, dim: int, *, exported: bool, directory: Path, threads: int,
                  requests: int = 1) -> None:
         super().__init__(dim, exported=exported, directory=directory, threads=threads)
         self.compiled = compiled
-        self._requests = [compiled.create_infer_request() for _ in range(max(1, requests))]
+        self.pipeline_depth = max(1, requests)
+        # pipeline_depth batches in flight, each in pipeline_depth parts
+        self._requests = [compiled.create_infer_request() for _ in range(self.pipeline_depth ** 2)]
         self._request, self._next = self._requests[0], 0
-        self.pipeline_depth = len(self._requests)
 
     def close(self) -> None:
         """Release the compiled model now (not whenever the garbage collector gets to it)."""
@@ -77,15 +81,24 @@ class OpenVINOBackbone(ExportedBackbone):
         return _output(self._request)
 
     def start(self, images: np.ndarray) -> Any:
-        """Start ``images`` on the next infer request (the input is copied into the request)."""
-        request = self._requests[self._next]
-        self._next = (self._next + 1) % len(self._requests)
-        request.start_async([images])
-        return request
+        """Start ``images`` in up to ``pipeline_depth`` parts on the next infer requests (the
+        input is copied into the requests). A request is used again ``pipeline_depth`` batches
+        later, so the caller waits for a batch before it starts that many more."""
+        handles = []
+        for part in np.array_split(images, min(self.pipeline_depth, len(images))):
+            request = self._requests[self._next]
+            self._next = (self._next + 1) % len(self._requests)
+            request.start_async([np.ascontiguousarray(part)])
+            handles.append(request)
+        self._next = (self._next + self.pipeline_depth - len(handles)) % len(self._requests)  # the batch's slots
+        return handles
 
     def wait(self, handle: Any) -> np.ndarray:
-        handle.wait()
-        return _output(handle)
+        for request in handle:
+            request.wait()
+        if len(handle) == 1:
+            return _output(handle[0])
+        return np.concatenate([np.asarray(r.get_output_tensor(0).data) for r in handle]).astype(np.float32, copy=False)
 
 
 def _output(request: Any) -> np.ndarray:

@@ -61,3 +61,32 @@ def case_openvino_matches_torch_on_the_demo_data_with_real_weights(tmp_path):
 
 def case_a_cached_export_runs_without_torch_and_gives_the_same_features(tmp_path):
     check_cached_export_runs_without_torch(tmp_path, "openvino")
+
+
+def case_throughput_mode_splits_each_batch_over_the_streams_with_the_same_features(tmp_path):
+    """A model compiled for throughput runs every batch in one part per stream (so the last
+    batch of a run does not leave streams idle); the features equal one-request inference."""
+    from embedcache.models.build import get_backbone
+    from embedcache.models.openvino_backbone import _compiled, _import_ov, openvino_backbone
+
+    bb = get_backbone(TINY)
+    single = openvino_backbone(bb, precision="fp32", exports_dir=tmp_path / "exports", threads=2)
+    split = _compiled(_import_ov(), single.directory, bb.dim, "fp32", 2, exported=False, throughput=True)
+    split.pipeline_depth = 2  # as on a 2-stream machine, whatever OpenVINO chose here
+    split._requests = [split.compiled.create_infer_request() for _ in range(4)]
+    rng = np.random.default_rng(0)
+    size = bb.preprocess.crop_size
+    batches = [rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8) for n in (8, 8, 5, 1)]
+    handles = [split.start(batches[0]), split.start(batches[1])]
+    assert [len(h) for h in handles] == [2, 2]  # each batch in two parts
+    got = [split.wait(handles[0])]
+    handles.append(split.start(batches[2]))
+    got.append(split.wait(handles[1]))
+    handles.append(split.start(batches[3]))
+    assert len(handles[3]) == 1  # one row: one part
+    got += [split.wait(handles[2]), split.wait(handles[3])]
+    for images, features in zip(batches, got, strict=True):
+        assert features.dtype == np.float32 and features.shape == (len(images), bb.dim)
+        np.testing.assert_array_equal(features, single.infer(images))
+    split.close()
+    single.close()
