@@ -7,8 +7,8 @@ needed: the export is found from the backbone's remembered identity
 releases the GIL while it decodes and resizes) running :data:`PREFETCH_BATCHES` batches ahead
 of the model, and the runtime is compiled while the first batches decode (with a longer lead
 then, :func:`startup_lead`, so that the other cores do not idle). A runtime that runs several
-batches side by side (OpenVINO compiled for throughput: one stream per batch) is kept fed with
-that many batches in flight; they are collected in order. The batches, the
+batches side by side (OpenVINO compiled for throughput: each batch split over its streams) is
+kept fed with that many batches in flight; they are collected in order. The batches, the
 decoding and the export are the ones the DataLoader loop uses, so the features are the same,
 bitwise; what is saved is importing torch (seconds of start-up) and building the torch model.
 """

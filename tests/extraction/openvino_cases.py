@@ -67,13 +67,13 @@ def case_throughput_mode_splits_each_batch_over_the_streams_with_the_same_featur
     """A model compiled for throughput runs every batch in one part per stream (so the last
     batch of a run does not leave streams idle); the features equal one-request inference."""
     from embedcache.models.build import get_backbone
-    from embedcache.models.openvino_backbone import _compiled, _import_ov, openvino_backbone
+    from embedcache.models.openvino_backbone import OpenVINOBackbone, openvino_backbone
 
     bb = get_backbone(TINY)
     single = openvino_backbone(bb, precision="fp32", exports_dir=tmp_path / "exports", threads=2)
-    split = _compiled(_import_ov(), single.directory, bb.dim, "fp32", 2, exported=False, throughput=True)
-    split.pipeline_depth = 2  # as on a 2-stream machine, whatever OpenVINO chose here
-    split._requests = [split.compiled.create_infer_request() for _ in range(4)]
+    # two streams' worth of requests, whatever OpenVINO would choose on this machine
+    split = OpenVINOBackbone(single.compiled, bb.dim, exported=False, directory=single.directory, threads=2,
+                             requests=2)
     rng = np.random.default_rng(0)
     size = bb.preprocess.crop_size
     batches = [rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8) for n in (8, 8, 5, 1)]
