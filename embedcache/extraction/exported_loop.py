@@ -83,7 +83,7 @@ def run_exported_batches(build: Callable[[], ExportedBackbone], source: ImageSou
     """
     if not batches:
         return
-    load = lambda index: to_uint8_array(source.load_image(index), spec)  # noqa: E731
+    load = lambda index: to_uint8_array(source.load_pixels(index), spec)  # noqa: E731
     pool = ThreadPoolExecutor(decoders, thread_name_prefix="embedcache-decode") if decoders > 0 else None
     model = None
 

@@ -53,7 +53,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def tensor(self, index: int) -> torch.Tensor:
         """Item ``index`` as a uint8 ``(3, H, W)`` tensor; subclasses change what is loaded and how."""
-        return to_uint8_tensor(self.source.load_image(index), self.spec)
+        return to_uint8_tensor(self.source.load_pixels(index), self.spec)
 
 
 def collate_images(items: list[tuple[int, torch.Tensor | None, str | None]]

@@ -110,10 +110,13 @@ def to_uint8_array(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """Resize the shorter side, centre-crop and return a ``(crop, crop, 3)`` uint8 array (HWC).
 
     Args:
-        image: a decoded RGB PIL image.
+        image: a decoded RGB PIL image, or a gray one in mode ``L``
+            (:func:`~embedcache.sources.decode.decode_image` with ``keep_gray``): it is resized
+            and cropped on its one channel and repeated into three after, the same pixels as
+            converting it to RGB first (PIL resamples channel by channel) for a third of the work.
         spec: the backbone's preprocessing spec.
     """
-    if image.mode != "RGB":
+    if image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
     width, height = image.size
     short, long = (width, height) if width <= height else (height, width)
@@ -128,6 +131,8 @@ def to_uint8_array(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     top = int(round((height - crop) / 2.0))
     if (left, top, crop, crop) != (0, 0, width, height):
         image = image.crop((left, top, left + crop, top + crop))
+    if image.mode == "L":
+        image = image.convert("RGB")  # after the geometry: a third of the resampling
     return np.array(image, dtype=np.uint8)  # a writable copy, (H, W, 3)
 
 

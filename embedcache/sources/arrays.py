@@ -104,8 +104,11 @@ class ArraySource(ImageSource):
                    description or describe_source("arrays", path, names, n))
 
     def load_image(self, index: int) -> Image.Image:
+        return self.load_pixels(index).convert("RGB")
+
+    def load_pixels(self, index: int) -> Image.Image:
         array = self.images[index]
-        return Image.fromarray(array, "L" if array.ndim == 2 else "RGB").convert("RGB")
+        return Image.fromarray(array, "L" if array.ndim == 2 else "RGB")
 
     def manifest_extra(self) -> dict[str, Any]:
         if self._content_sha256 is None:

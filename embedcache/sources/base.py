@@ -106,6 +106,12 @@ class ImageSource(abc.ABC):
     def load_image(self, index: int) -> Image.Image:
         """Decode sample ``index`` as an RGB image; raises DecodeError with a short reason."""
 
+    def load_pixels(self, index: int) -> Image.Image:
+        """Sample ``index`` for the model's preprocessing: :meth:`load_image`, except that a
+        source may return a gray image in mode ``L`` (``decode_image(keep_gray=True)``), whose
+        resizing is a third of an RGB one's and gives the same pixels once expanded."""
+        return self.load_image(index)
+
     def split_counts(self) -> dict[str, int]:
         """Number of samples per split name (only splits that occur)."""
         counts = np.bincount([s.split for s in self.samples], minlength=len(SPLIT_NAMES))
@@ -165,7 +171,13 @@ class FileSource(ImageSource):
         self.problems = dict(problems or {})
 
     def load_image(self, index: int) -> Image.Image:
+        return self._decode(index, keep_gray=False)
+
+    def load_pixels(self, index: int) -> Image.Image:
+        return self._decode(index, keep_gray=True)
+
+    def _decode(self, index: int, *, keep_gray: bool) -> Image.Image:
         path = self.samples[index].path
         if path in self.problems:
             raise DecodeError(self.problems[path])
-        return decode_image(os.path.join(self.root, *path.split("/")))
+        return decode_image(os.path.join(self.root, *path.split("/")), keep_gray=keep_gray)

@@ -24,8 +24,8 @@ DECODER_VERSION = "1"
 MAX_IMAGE_PIXELS = 89_478_485
 
 
-def decode_image(path_or_file: str | os.PathLike | bytes | io.IOBase) -> Image.Image:
-    """Decode one image safely into a standalone RGB image.
+def decode_image(path_or_file: str | os.PathLike | bytes | io.IOBase, *, keep_gray: bool = False) -> Image.Image:
+    """Decode one image safely into a standalone RGB image (or mode ``L``, see ``keep_gray``).
 
     EXIF orientation is applied; animated images give frame 0. Modes are converted with their value
     range kept: 16-bit (``I;16*`` and ``I``) maps 0..65535 to 0..255, ``F`` in [0, 1] is scaled
@@ -35,6 +35,10 @@ def decode_image(path_or_file: str | os.PathLike | bytes | io.IOBase) -> Image.I
 
     Args:
         path_or_file: a path, the encoded bytes, or a binary file object.
+        keep_gray: return a single-channel image (modes ``L``, ``1``, 16-bit, ``F``) as mode
+            ``L`` holding the value its RGB form repeats in every channel. Resizing and cropping
+            work channel by channel, so expanding to RGB after them gives the same pixels as
+            before them, for a third of the resampling (:func:`~embedcache.models.preprocess.to_uint8_array`).
 
     Raises:
         DecodeError: with a short reason (``empty file``, ``truncated image``, ``not an image
@@ -57,8 +61,8 @@ def decode_image(path_or_file: str | os.PathLike | bytes | io.IOBase) -> Image.I
                     )
                 image.seek(0)
                 image.load()
-                image = ImageOps.exif_transpose(image)
-                return to_rgb(image)
+                ImageOps.exif_transpose(image, in_place=True)
+                return to_rgb(image, keep_gray=keep_gray)  # a new image: closing the file keeps it
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -87,26 +91,31 @@ def _is_empty(path_or_file) -> bool:
     return False
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image, *, keep_gray: bool = False) -> Image.Image:
     """Convert any Pillow mode to RGB, keeping the value range and compositing alpha on white.
 
     Args:
         image: a loaded image in any mode (the modes :func:`decode_image` documents).
+        keep_gray: single-channel modes (``L``, ``1``, 16-bit, ``F``) become mode ``L`` with
+            the value every channel of their RGB form holds (see :func:`decode_image`).
 
     Returns:
-        A new RGB image; the input is left unchanged.
+        A new RGB (or, with ``keep_gray``, ``L``) image; the input is left unchanged.
     """
     mode = image.mode
     if mode == "RGB":
         return image.copy()
+    gray = _gray_image if keep_gray else _gray_to_rgb
     if mode.startswith("I"):  # I;16, I;16B, I;16L, I (32-bit, treated as 16-bit range)
         values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
-        return _gray_to_rgb(((values * 255 + 32767) // 65535).astype(np.uint8))
+        return gray(((values * 255 + 32767) // 65535).astype(np.uint8))
     if mode == "F":
         values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
         if values.size and values.min() >= 0.0 and values.max() <= 1.0:
             values = values * 255.0
-        return _gray_to_rgb(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+        return gray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    if keep_gray and mode in ("L", "1"):
+        return image.convert("L")  # a copy for L; 1 becomes 0/255, as its RGB form
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
         mode == "P" and "transparency" in image.info
     )
@@ -115,6 +124,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     rgba = image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def _gray_image(gray: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(gray), "L")
 
 
 def _gray_to_rgb(gray: np.ndarray) -> Image.Image:

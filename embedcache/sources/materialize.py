@@ -56,7 +56,7 @@ def write_image_folder(source: ImageSource, dest: str | os.PathLike, *,
         if target in used:
             target = os.path.join(dest, *parts, f"{stem}_{i:06d}.png")
         try:
-            image = source.load_image(i)
+            image = source.load_pixels(i)  # gray images stay one channel: smaller files, same pixels
         except DecodeError:
             continue
         os.makedirs(os.path.dirname(target), exist_ok=True)

@@ -75,6 +75,12 @@ class TorchvisionSource(ImageSource):
                                                len(samples)))
 
     def load_image(self, index: int) -> Image.Image:
+        return self._load(index, keep_gray=False)
+
+    def load_pixels(self, index: int) -> Image.Image:
+        return self._load(index, keep_gray=True)
+
+    def _load(self, index: int, *, keep_gray: bool) -> Image.Image:
         part, i = self._locations[index]
         try:
             image = self.parts[part][1][i][0]
@@ -84,7 +90,7 @@ class TorchvisionSource(ImageSource):
                     else image
             if isinstance(image, np.ndarray):
                 image = Image.fromarray(image.squeeze())
-            return to_rgb(image)
+            return to_rgb(image, keep_gray=keep_gray)
         except DecodeError:
             raise
         except Exception as exc:  # noqa: BLE001 - data set classes raise anything

@@ -111,6 +111,12 @@ class ViewSource(ImageSource):
             return image
         return augment_image(image, self.augment, view_seed(self.base.samples[origin].path, view, self.augment))
 
+    def load_pixels(self, index: int) -> Image.Image:
+        """The centre view as the base source gives it to the model; augmented views in RGB."""
+        if int(self._index[index]) == 0:
+            return self.base.load_pixels(int(self._origin[index]))
+        return self.load_image(index)
+
     def view_array(self) -> np.ndarray:
         """``(n, 2)`` int64: for every row, the row of its centre view and its view index (0 = centre)."""
         return np.stack([self._origin, self._index], axis=1)

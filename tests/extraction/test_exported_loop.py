@@ -71,13 +71,13 @@ def test_the_batches_are_the_dataloader_loops_and_a_bad_image_is_a_failure(sourc
 def test_the_model_is_built_once_decoding_has_started_and_closed_when_the_consumer_stops(source):
     events: list[str] = []
     started = threading.Event()
-    original = source.load_image
+    original = source.load_pixels
 
     def load(index):
         started.set()
         return original(index)
 
-    source.load_image = load
+    source.load_pixels = load
 
     def build():
         events.append(f"decoding started: {started.wait(5)}")
@@ -148,13 +148,13 @@ def test_decoding_runs_further_ahead_while_the_model_is_built_within_a_byte_budg
     assert exported_loop.startup_lead(batches, SPEC) == len(batches)
 
     loaded: list[int] = []
-    original = source.load_image
+    original = source.load_pixels
 
     def load(index):
         loaded.append(index)
         return original(index)
 
-    source.load_image = load
+    source.load_pixels = load
     seen_at_build: list[int] = []
 
     def build():
@@ -170,15 +170,37 @@ def test_decoding_runs_further_ahead_while_the_model_is_built_within_a_byte_budg
 
 
 def test_each_batch_says_how_long_the_model_waited_for_its_images(source):
-    original = source.load_image
+    original = source.load_pixels
 
     def slow(index):
         threading.Event().wait(0.02)
         return original(index)
 
-    source.load_image = slow
+    source.load_pixels = slow
     batches = row_batches(np.zeros(len(source), bool), 2)
     out = list(run_exported_batches(lambda: FakeModel([]), source, SPEC, batches, decoders=1))
     # one decoding thread, 11 images of at least 20 ms each, an instant model: the loop waits for
     # most of the decoding (all but what ran ahead while the model was built)
     assert all(b.decode_wait >= 0 for b in out) and sum(b.decode_wait for b in out) >= 0.1
+
+
+def test_a_gray_folder_gives_both_loops_the_pixels_of_its_rgb_copy(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    for form in ("gray", "rgb"):
+        for i in range(5):
+            (tmp_path / form / "c").mkdir(parents=True, exist_ok=True)
+            pixels = Image.fromarray(np.random.default_rng(i).integers(0, 256, (17 + i, 29), dtype=np.uint8), "L")
+            (pixels if form == "gray" else pixels.convert("RGB")).save(tmp_path / form / "c" / f"{i}.png")
+    gray, rgb = open_source(tmp_path / "gray"), open_source(tmp_path / "rgb")
+    assert gray.load_pixels(0).mode == "L" and rgb.load_pixels(0).mode == "RGB"
+    batches = row_batches(np.zeros(len(gray), bool), 2)
+    inputs = []
+    for folder in (gray, rgb):
+        model = FakeModel([])
+        list(run_exported_batches(lambda model=model: model, folder, SPEC, batches, decoders=int(rng.integers(0, 3))))
+        inputs.append(np.concatenate(model.inputs))
+        dataset_images = collate_images([ImageDataset(folder, SPEC)[i] for i in range(len(folder))])[1]
+        np.testing.assert_array_equal(inputs[-1], dataset_images.permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(inputs[0], inputs[1])

@@ -304,13 +304,13 @@ def test_a_writer_in_another_process_blocks_us(folder, tmp_path):
 def test_the_entry_records_how_long_the_loop_waited_for_decoded_images(folder, tmp_path, monkeypatch):
     from embedcache.sources.base import FileSource
 
-    original = FileSource.load_image
+    original = FileSource.load_pixels
 
     def slow(self, index):
         time.sleep(0.01)  # 40 images: at least 0.4 s of decoding, all of it in the loop with workers=0
         return original(self, index)
 
-    monkeypatch.setattr(FileSource, "load_image", slow)
+    monkeypatch.setattr(FileSource, "load_pixels", slow)
     store = run(folder, tmp_path / "c")
     waited = store.attrs["extract_decode_wait_seconds"]
     assert 0.4 <= waited <= store.attrs["extract_seconds"]

@@ -104,3 +104,11 @@ def test_idx_files_in_torchvision_layouts(tmp_path, subdir, gz, name):
     assert source.split_counts() == {"train": 10, "test": 8}
     assert len(source.class_names) == 10
     assert np.array_equal(np.asarray(source.load_image(11))[:, :, 0], images[11])
+
+
+def test_load_pixels_keeps_gray_arrays_one_channel():
+    gray = ArraySource(np.full((2, 4, 4), 9, np.uint8), np.array([0, 1]), np.array([0, 0], np.uint8), ["a", "b"], "g")
+    assert gray.load_pixels(0).mode == "L" and gray.load_image(0).mode == "RGB"
+    assert np.array_equal(np.asarray(gray.load_pixels(1).convert("RGB")), np.asarray(gray.load_image(1)))
+    rgb = ArraySource(np.full((2, 4, 4, 3), 9, np.uint8), np.array([0, 1]), np.array([0, 0], np.uint8), ["a", "b"], "c")
+    assert rgb.load_pixels(0).mode == "RGB"

@@ -191,3 +191,45 @@ def test_sources_and_the_cache_key_use_the_one_decoder():
 
     assert base.decode_image is decode_image  # what file sources decode with
     assert plan.DECODER_VERSION is decode.DECODER_VERSION  # what the cache key records
+
+
+def _gray_rotated_jpeg(p):
+    image = Image.new("L", (16, 8), 40)
+    image.paste(220, (0, 0, 8, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save(image, p, exif=exif, quality=95)
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "gray"),
+    [
+        ("gray.png", _gray_png, True),
+        ("bilevel.png", _bilevel_png, True),
+        ("half16.png", _uint16_png(32768), True),
+        ("be16.tif", _uint16_be_tiff, True),
+        ("int32.tif", _int32_tiff, True),
+        ("float.tif", _float_tiff, True),
+        ("rotated.jpg", _gray_rotated_jpeg, True),
+        ("la_opaque.png", _la_opaque, False),
+        ("palette.png", _palette_transparent, False),
+        ("rgba.png", _rgba_half, False),
+        ("cmyk.tif", _cmyk_tiff, False),
+    ],
+)
+def test_keep_gray_gives_one_channel_holding_the_rgb_value(tmp_path, name, make, gray):
+    path = tmp_path / name
+    make(path)
+    rgb = decode_image(path)
+    kept = decode_image(path, keep_gray=True)
+    assert kept.mode == ("L" if gray else "RGB")
+    assert kept.size == rgb.size  # EXIF orientation applied to both
+    assert np.array_equal(np.asarray(kept.convert("RGB")), np.asarray(rgb))
+
+
+def test_keep_gray_image_outlives_its_file(tmp_path):
+    path = tmp_path / "gray.png"
+    _gray_png(path)
+    kept = decode_image(path, keep_gray=True)
+    path.unlink()
+    assert kept.getpixel((3, 3)) == 100 and kept.copy().size == (8, 8)

@@ -61,3 +61,18 @@ def test_write_image_folder_refuses_non_empty_dest_and_skips_bad(tmp_path):
     assert write_image_folder(source, tmp_path / "dest") == 2
     with pytest.raises(ConfigError, match=r"'dest' folder .* must be new or empty"):
         write_image_folder(source, tmp_path / "dest")
+
+
+def test_gray_sources_are_written_as_gray_pngs(tmp_path):
+    from PIL import Image
+
+    images, labels, names = tiny_arrays(n_per_class=2)
+    source = ArraySource(images, labels, np.full(len(labels), Split.TEST, np.uint8), names, "tiny")
+    assert write_image_folder(source, tmp_path / "out") == len(source)
+    back = open_source(tmp_path / "out")
+    for row, sample in enumerate(back.samples):
+        with Image.open(back.root + "/" + sample.path) as stored:
+            assert stored.mode == "L"  # one channel on disk
+        assert back.load_pixels(row).mode == "L" and back.load_image(row).mode == "RGB"
+    first = next(i for i, s in enumerate(back.samples) if s.path == "test/T-shirt_top/000000.png")
+    assert np.array_equal(np.asarray(back.load_image(first)), np.asarray(source.load_image(0)))

@@ -54,7 +54,7 @@ class TrainImages(ImageDataset):
 
     def tensor(self, position: int) -> torch.Tensor:
         row = int(self.rows[position])
-        image = self.source.load_image(row)
         if not self.augment:
-            return to_uint8_tensor(image, self.spec)
-        return augment_image(image, self.spec, np.random.default_rng([self.seed, self.epoch, row]))
+            return to_uint8_tensor(self.source.load_pixels(row), self.spec)
+        rng = np.random.default_rng([self.seed, self.epoch, row])
+        return augment_image(self.source.load_image(row), self.spec, rng)
