@@ -48,7 +48,9 @@ from embedcache.runtime import (
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 
 
-def write_images(dest: Path, n: int, synthetic: bool) -> None:
+def write_images(dest: Path, n: int, synthetic: bool, rgb: bool = False) -> None:
+    """Fashion-MNIST test images as gray PNG class folders (RGB PNGs of the same pixels with
+    ``rgb``), or random RGB images with ``synthetic``."""
     if synthetic:
         rng = np.random.default_rng(0)
         for i in range(n):
@@ -61,6 +63,10 @@ def write_images(dest: Path, n: int, synthetic: bool) -> None:
 
     source = open_source(f"torchvision:FashionMNIST:{FASHION_ROOT}")
     write_image_folder(source, dest, limit_per_split={2: n})  # test split only, stratified
+    if rgb:
+        for path in image_files(dest):
+            with Image.open(path) as image:
+                image.convert("RGB").save(path)
 
 
 def cpu_model() -> str:

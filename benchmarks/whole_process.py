@@ -21,8 +21,8 @@ round running every contender once in turn (paired, so drift hits all alike). Co
                    beforehand (start-up + the model, no decoding)
 
 With ``--load busy`` every round is repeated while ``python -c "while True: pass"`` holds one
-core. Images are Fashion-MNIST test images written as PNG class folders
-(apt-get install dataset-fashion-mnist). The features of ours-auto and plain-openvino are
+core. Images are Fashion-MNIST test images written as gray PNG class folders
+(apt-get install dataset-fashion-mnist; --rgb-images: the same pixels as RGB PNGs). The features of ours-auto and plain-openvino are
 compared (per-row cosine) so that the race is over the same work.
 """
 
@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--load", default="idle,busy",
                         help="comma-separated: idle, busy (one core held by a spinning process)")
     parser.add_argument("--skip", default="", help=f"comma-separated contenders to leave out, of {', '.join(CONTENDERS)}")
+    parser.add_argument("--rgb-images", action="store_true",
+                        help="write the (gray) images as RGB PNGs, as benchmarks before 2026-12-03 did")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's seconds here")
     args = parser.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -154,7 +156,7 @@ def main() -> None:
         tmp = Path(tmp)
         root, work, exports = tmp / "images", tmp / "work", tmp / "state" / "exports"
         work.mkdir()
-        write_images(root, args.n, synthetic=False)
+        write_images(root, args.n, synthetic=False, rgb=args.rgb_images)
         files = image_files(root)
         models, preprocess = exports_for(args, exports)
         # one earlier run of the configuration in the state directory: it remembers the backbone's identity
@@ -193,7 +195,9 @@ def main() -> None:
         if ours:
             for peer in ("plain-openvino", "plain-onnxruntime", "plain-torch", "tutorial", "ceiling-openvino"):
                 if peer in med:
-                    print(f"  ours-auto / {peer:<18} {ours / med[peer]:.2f}")
+                    pairs = zip(results[load]["ours-auto"], results[load][peer], strict=True)
+                    paired = statistics.median(a / b for a, b in pairs)
+                    print(f"  ours-auto / {peer:<18} {ours / med[peer]:.2f}   (median of the rounds' ratios {paired:.2f})")
     if "idle" in medians and "busy" in medians:
         print("\nbusy / idle:")
         for name in contenders:
