@@ -13,7 +13,8 @@ Prints images/s for
                 export's one-off seconds are printed separately)
   (c) tutorial  the torchvision-tutorial loop: ImageFolder + Compose, fp32, NCHW, batch 32
 and the ratios b/a and b/c (medians over --repeats). Images are Fashion-MNIST test images written
-as PNG class folders (apt-get install dataset-fashion-mnist), or random images with --synthetic.
+as gray PNG class folders (apt-get install dataset-fashion-mnist; --rgb-images: as RGB PNGs, the
+workload of runs before 2026-12-03), or random RGB images with --synthetic.
 """
 
 from __future__ import annotations
@@ -181,6 +182,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--synthetic", action="store_true")
+    parser.add_argument("--rgb-images", action="store_true",
+                        help="write the (gray) Fashion-MNIST images as RGB PNGs, as runs before 2026-12-03 did")
     parser.add_argument("--runtimes", default=None,
                         help="comma-separated: torch, openvino, onnxruntime (default: torch, and openvino "
                              "when installed)")
@@ -199,7 +202,7 @@ def main() -> None:
     export_seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"
-        write_images(root, args.n, args.synthetic)
+        write_images(root, args.n, args.synthetic, rgb=args.rgb_images)
         files = image_files(root)
         exports = Path(tmp) / "exports"
         for runtime in exported:  # the one-off export, timed on its own

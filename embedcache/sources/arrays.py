@@ -107,6 +107,8 @@ class ArraySource(ImageSource):
         return self.load_pixels(index).convert("RGB")
 
     def load_pixels(self, index: int) -> Image.Image:
+        """The row as stored (``L`` or ``RGB``): a read-only view of the array, which PIL copies
+        before any change, and preprocessing always makes a new image of."""
         array = self.images[index]
         return Image.fromarray(array, "L" if array.ndim == 2 else "RGB")
 

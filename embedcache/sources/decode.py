@@ -1,8 +1,9 @@
-"""Safe decoding of one image file into a standalone RGB image.
+"""Safe decoding of one image file into a standalone RGB image (or, asked to, a gray one).
 
 :func:`decode_image` is the only place that opens encoded images: it refuses decompression bombs
 (our own pixel limit, whatever Pillow's global setting), applies EXIF orientation, and converts
-every Pillow mode to RGB with its value range kept. Every failure becomes a :class:`DecodeError`
+every Pillow mode to RGB with its value range kept (``keep_gray``: single-channel modes to ``L``
+with the values their RGB form would repeat). Every failure becomes a :class:`DecodeError`
 with a short reason, so one bad file never stops an extraction.
 """
 
@@ -92,7 +93,8 @@ def _is_empty(path_or_file) -> bool:
 
 
 def to_rgb(image: Image.Image, *, keep_gray: bool = False) -> Image.Image:
-    """Convert any Pillow mode to RGB, keeping the value range and compositing alpha on white.
+    """Convert any Pillow mode to RGB (or, with ``keep_gray``, single-channel ones to ``L``), keeping
+    the value range and compositing alpha on white.
 
     Args:
         image: a loaded image in any mode (the modes :func:`decode_image` documents).
