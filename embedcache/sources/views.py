@@ -13,6 +13,7 @@ normalised relative path never holds ``//``), so every row of an entry has its o
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,7 @@ def view_seed(path: str, view: int, augment: str) -> int:
 
 
 def augment_image(image: Image.Image, augment: str, seed: int) -> Image.Image:
-    """One augmented view of ``image`` (decoded RGB), drawn from ``seed``; the backbone's usual
+    """One augmented view of ``image`` (decoded, RGB or gray ``L``), drawn from ``seed``; the backbone's usual
     preprocessing (resize the shorter side, centre crop) is applied to it afterwards."""
     if augment == "flip":
         return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -105,17 +106,19 @@ class ViewSource(ImageSource):
         self._index = np.concatenate([np.zeros(self.n_images, np.int64), np.asarray(indices, np.int64)])
 
     def load_image(self, index: int) -> Image.Image:
+        return self._view(index, self.base.load_image)
+
+    def load_pixels(self, index: int) -> Image.Image:
+        """As the base source gives its images to the model (gray ones in mode ``L``): the views'
+        crops and flips work channel by channel, so their pixels are the RGB views' too."""
+        return self._view(index, self.base.load_pixels)
+
+    def _view(self, index: int, load: Callable[[int], Image.Image]) -> Image.Image:
         origin, view = int(self._origin[index]), int(self._index[index])
-        image = self.base.load_image(origin)
+        image = load(origin)
         if view == 0:
             return image
         return augment_image(image, self.augment, view_seed(self.base.samples[origin].path, view, self.augment))
-
-    def load_pixels(self, index: int) -> Image.Image:
-        """The centre view as the base source gives it to the model; augmented views in RGB."""
-        if int(self._index[index]) == 0:
-            return self.base.load_pixels(int(self._origin[index]))
-        return self.load_image(index)
 
     def view_array(self) -> np.ndarray:
         """``(n, 2)`` int64: for every row, the row of its centre view and its view index (0 = centre)."""

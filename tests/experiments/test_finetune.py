@@ -215,6 +215,14 @@ def test_unfreeze_parsing_and_modes():
     assert not any(m.training for m in model.modules())
 
 
+def test_a_gray_image_augments_to_the_pixels_of_its_rgb_form():
+    gray = Image.fromarray(np.random.default_rng(2).integers(0, 256, (30, 41), dtype=np.uint8), "L")
+    for seed in range(20):
+        a = augment_image(gray, TINY_SPEC, np.random.default_rng([seed, 0, 3]))
+        b = augment_image(gray.convert("RGB"), TINY_SPEC, np.random.default_rng([seed, 0, 3]))
+        assert a.shape == (3, TINY_SPEC.crop_size, TINY_SPEC.crop_size) and torch.equal(a, b)
+
+
 def test_augmentation_is_deterministic_per_seed_epoch_and_row():
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -226,7 +234,7 @@ def test_augmentation_is_deterministic_per_seed_epoch_and_row():
     assert a.shape == (3, 16, 16) and a.dtype == torch.uint8 and torch.equal(a, b)
 
     class OneImage:
-        def load_image(self, row):
+        def load_pixels(self, row):
             return image
 
     data = TrainImages(OneImage(), TINY_SPEC, np.array([5]), augment=True, seed=0)

@@ -230,16 +230,17 @@ def test_views_with_layers_store_every_set_of_every_view(tmp_path):
     assert result.split_sizes["train_views"] == result.split_sizes["train"]
 
 
-def test_view_source_gives_the_model_gray_centre_views_and_rgb_augmented_ones():
+def test_view_source_gives_the_model_gray_views_with_the_pixels_of_the_rgb_ones():
     from embedcache.sources.arrays import ArraySource
     from embedcache.sources.views import ViewSource
 
     rng = np.random.default_rng(3)
     base = ArraySource(rng.integers(0, 256, (4, 12, 12), dtype=np.uint8), np.array([0, 1, 0, 1]),
                        np.full(4, Split.TRAIN, np.uint8), ["a", "b"], "gray")
-    views = ViewSource(base, 2, "flip")
-    centre, flipped = 0, next(i for i in range(len(views)) if views.view_array()[i, 1] == 1)
-    assert views.load_pixels(centre).mode == "L"
-    assert np.array_equal(np.asarray(views.load_pixels(centre)), np.asarray(base.load_pixels(0)))
-    assert views.load_pixels(flipped).mode == "RGB"
-    assert np.array_equal(np.asarray(views.load_pixels(flipped)), np.asarray(views.load_image(flipped)))
+    for augment, count in (("flip", 2), ("crop", 3), ("standard", 3)):
+        views = ViewSource(base, count, augment)
+        assert np.array_equal(np.asarray(views.load_pixels(0)), np.asarray(base.load_pixels(0)))
+        for row in range(len(views)):
+            gray, rgb = views.load_pixels(row), views.load_image(row)
+            assert gray.mode == "L" and rgb.mode == "RGB"
+            assert np.array_equal(np.asarray(gray.convert("RGB")), np.asarray(rgb))

@@ -22,14 +22,18 @@ from embedcache.sources.base import ImageSource
 
 
 def augment_image(image: Image.Image, spec: PreprocessSpec, rng: np.random.Generator) -> torch.Tensor:
-    """Random resized crop + horizontal flip → ``(3, crop, crop)`` uint8 (channels-last view)."""
-    if image.mode != "RGB":
+    """Random resized crop + horizontal flip → ``(3, crop, crop)`` uint8 (channels-last view).
+    A gray ``L`` image is cropped, resized and flipped on its one channel and made RGB last: the
+    same pixels as converting first (PIL resamples channel by channel)."""
+    if image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
     box = random_crop_box(image.width, image.height, rng)
     size = spec.crop_size
     image = image.resize((size, size), PIL_INTERPOLATION[spec.interpolation], box=box)
     if rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if image.mode == "L":
+        image = image.convert("RGB")
     array = np.array(image, dtype=np.uint8)
     return torch.from_numpy(array).permute(2, 0, 1)
 
@@ -54,7 +58,7 @@ class TrainImages(ImageDataset):
 
     def tensor(self, position: int) -> torch.Tensor:
         row = int(self.rows[position])
+        image = self.source.load_pixels(row)
         if not self.augment:
-            return to_uint8_tensor(self.source.load_pixels(row), self.spec)
-        rng = np.random.default_rng([self.seed, self.epoch, row])
-        return augment_image(self.source.load_image(row), self.spec, rng)
+            return to_uint8_tensor(image, self.spec)
+        return augment_image(image, self.spec, np.random.default_rng([self.seed, self.epoch, row]))
