@@ -131,9 +131,13 @@ def to_uint8_array(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     top = int(round((height - crop) / 2.0))
     if (left, top, crop, crop) != (0, 0, width, height):
         image = image.crop((left, top, left + crop, top + crop))
-    if image.mode == "L":
-        image = image.convert("RGB")  # after the geometry: a third of the resampling
-    return np.array(image, dtype=np.uint8)  # a writable copy, (H, W, 3)
+    return rgb_array(image)
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """A writable ``(H, W, 3)`` uint8 copy of an RGB or gray ``L`` image: the last step of
+    preprocessing, where a gray image, resized and cropped on its one channel, becomes RGB."""
+    return np.array(image.convert("RGB") if image.mode == "L" else image, dtype=np.uint8)
 
 
 def to_uint8_tensor(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:

@@ -65,8 +65,8 @@ def view_seed(path: str, view: int, augment: str) -> int:
 
 
 def augment_image(image: Image.Image, augment: str, seed: int) -> Image.Image:
-    """One augmented view of ``image`` (decoded, RGB or gray ``L``), drawn from ``seed``; the backbone's usual
-    preprocessing (resize the shorter side, centre crop) is applied to it afterwards."""
+    """One augmented view of ``image`` (decoded, RGB or gray ``L``), drawn from ``seed``; the
+    backbone's usual preprocessing (resize the shorter side, centre crop) is applied to it afterwards."""
     if augment == "flip":
         return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     rng = np.random.default_rng(seed)

@@ -16,7 +16,12 @@ import torch
 from PIL import Image
 
 from embedcache.extraction.loop import ImageDataset
-from embedcache.models.preprocess import PIL_INTERPOLATION, PreprocessSpec, to_uint8_tensor
+from embedcache.models.preprocess import (
+    PIL_INTERPOLATION,
+    PreprocessSpec,
+    rgb_array,
+    to_uint8_tensor,
+)
 from embedcache.sources.augments import random_crop_box
 from embedcache.sources.base import ImageSource
 
@@ -32,10 +37,7 @@ def augment_image(image: Image.Image, spec: PreprocessSpec, rng: np.random.Gener
     image = image.resize((size, size), PIL_INTERPOLATION[spec.interpolation], box=box)
     if rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if image.mode == "L":
-        image = image.convert("RGB")
-    array = np.array(image, dtype=np.uint8)
-    return torch.from_numpy(array).permute(2, 0, 1)
+    return torch.from_numpy(rgb_array(image)).permute(2, 0, 1)
 
 
 class TrainImages(ImageDataset):
