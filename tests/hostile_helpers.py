@@ -47,13 +47,13 @@ def interrupted_partial(data, cache, *, after: int = 2, **kw) -> Path:
         if len(calls) == after:
             raise KeyboardInterrupt
 
-    every = compute_mod.COMMIT_EVERY_BATCHES
-    compute_mod.COMMIT_EVERY_BATCHES = 1
+    every = compute_mod.COMMIT_EVERY_SECONDS
+    compute_mod.COMMIT_EVERY_SECONDS = 0.0  # a commit after every batch
     try:
         with pytest.raises(KeyboardInterrupt):
             run(data, cache, progress=interrupt, **kw)
     finally:
-        compute_mod.COMMIT_EVERY_BATCHES = every
+        compute_mod.COMMIT_EVERY_SECONDS = every
     partials = list(Path(cache).glob("*.h5.partial"))
     assert len(partials) == 1, partials
     return partials[0]

@@ -26,19 +26,21 @@ class Progress:
 class Batch:
     """One batch out of the loop: ``outputs`` is ``(len(rows), D)`` float32, None when every
     image of the batch failed; ``decode_wait``: seconds the loop, its model built, waited for
-    this batch's decoded images (0 when decoding kept ahead of the model)."""
+    this batch's decoded images (0 when decoding kept ahead of the model); ``decoders``: the
+    decoding threads running by then (0: decoded elsewhere, by DataLoader workers or inline)."""
 
     rows: np.ndarray
     outputs: np.ndarray | None
     failures: list[tuple[int, str]]
     decode_wait: float = 0.0
+    decoders: int = 0
 
 
-def decode_row(load: Callable[[int], Any], index: int) -> tuple[int, Any, str | None]:
-    """``(index, load(index), None)``, or ``(index, None, message)`` for a bad image: one bad
-    image never stops a loop."""
+def decode_row(load: Callable[..., Any], index: int, *args: Any) -> tuple[int, Any, str | None]:
+    """``(index, load(index, *args), None)``, or ``(index, None, message)`` for a bad image: one
+    bad image never stops a loop."""
     try:
-        return index, load(index), None
+        return index, load(index, *args), None
     except DecodeError as exc:
         return index, None, str(exc)
     except Exception as exc:  # noqa: BLE001 - one bad image must never stop the loop

@@ -151,7 +151,8 @@ def compose_entry(plan: ExtractionPlan, options: RunOptions, extract_set: SetExt
         final_path = writer.finalize({
             "extract_seconds": model_seconds, "extract_images_per_s": rate or 0.0, "extract_threads": options.threads,
             "extract_workers": options.workers, "extract_write_seconds": time.perf_counter() - started,
-            "extract_write_wait_seconds": 0.0, "extract_decode_wait_seconds": 0.0, "extract_loop": "composed",
+            "extract_write_wait_seconds": 0.0, "extract_decode_wait_seconds": 0.0, "extract_decode_threads": 0,
+            "extract_loop": "composed",
             "composed_from": {DEFAULT_SET: donor.cache_key, **{
                 name: (computed[name].cache_key if name in computed else donor.cache_key)
                 for name, _ in plan.backbone.feature_sets}}})

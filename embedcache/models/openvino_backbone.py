@@ -77,28 +77,31 @@ class OpenVINOBackbone(ExportedBackbone):
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``(N, H, W, 3)`` -> float32 ``(N, D)`` (a copy: the request reuses its output)."""
-        self._request.infer([images])
+        self._request.infer([np.ascontiguousarray(images)], share_inputs=True)  # read in place
         return _output(self._request)
 
     def start(self, images: np.ndarray) -> Any:
-        """Start ``images`` in up to ``pipeline_depth`` parts on the next infer requests (the
-        input is copied into the requests). A request is used again ``pipeline_depth`` batches
-        later, so the caller waits for a batch before it starts that many more."""
-        handles = []
-        for part in np.array_split(images, min(self.pipeline_depth, len(images))):
+        """Start ``images`` in up to ``pipeline_depth`` parts on the next infer requests. The
+        requests read ``images`` in place (no copy), so the caller must not change it before
+        :meth:`wait` (the handle keeps it alive). A request is used again ``pipeline_depth``
+        batches later, so the caller waits for a batch before it starts that many more."""
+        images = np.ascontiguousarray(images)
+        requests = []
+        for part in np.array_split(images, min(self.pipeline_depth, len(images))):  # contiguous views
             request = self._requests[self._next]
             self._next = (self._next + 1) % len(self._requests)
-            request.start_async([np.ascontiguousarray(part)])
-            handles.append(request)
-        self._next = (self._next + self.pipeline_depth - len(handles)) % len(self._requests)  # the batch's slots
-        return handles
+            request.start_async([part], share_inputs=True)
+            requests.append(request)
+        self._next = (self._next + self.pipeline_depth - len(requests)) % len(self._requests)  # the batch's slots
+        return requests, images
 
     def wait(self, handle: Any) -> np.ndarray:
-        for request in handle:
+        requests, _images = handle
+        for request in requests:
             request.wait()
-        if len(handle) == 1:
-            return _output(handle[0])
-        return np.concatenate([np.asarray(r.get_output_tensor(0).data) for r in handle]).astype(np.float32, copy=False)
+        if len(requests) == 1:
+            return _output(requests[0])
+        return np.concatenate([np.asarray(r.get_output_tensor(0).data) for r in requests]).astype(np.float32, copy=False)
 
 
 def _output(request: Any) -> np.ndarray:

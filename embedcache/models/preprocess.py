@@ -106,7 +106,7 @@ class PreprocessSpec:
         return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
 
 
-def to_uint8_array(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+def to_uint8_array(image: Image.Image, spec: PreprocessSpec, out: np.ndarray | None = None) -> np.ndarray:
     """Resize the shorter side, centre-crop and return a ``(crop, crop, 3)`` uint8 array (HWC).
 
     Args:
@@ -115,6 +115,8 @@ def to_uint8_array(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
             and cropped on its one channel and repeated into three after, the same pixels as
             converting it to RGB first (PIL resamples channel by channel) for a third of the work.
         spec: the backbone's preprocessing spec.
+        out: a writable ``(crop, crop, 3)`` uint8 array to write the pixels into (a batch's row:
+            the images of a batch then need no stacking); it is returned.
     """
     if image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
@@ -131,13 +133,20 @@ def to_uint8_array(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     top = int(round((height - crop) / 2.0))
     if (left, top, crop, crop) != (0, 0, width, height):
         image = image.crop((left, top, left + crop, top + crop))
-    return rgb_array(image)
+    return rgb_array(image, out)
 
 
-def rgb_array(image: Image.Image) -> np.ndarray:
+def rgb_array(image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
     """A writable ``(H, W, 3)`` uint8 copy of an RGB or gray ``L`` image: the last step of
-    preprocessing, where a gray image, resized and cropped on its one channel, becomes RGB."""
-    return np.array(image.convert("RGB") if image.mode == "L" else image, dtype=np.uint8)
+    preprocessing, where a gray image, resized and cropped on its one channel, becomes RGB.
+    ``out``: an ``(H, W, 3)`` uint8 array to copy into instead (returned)."""
+    rgb = image.convert("RGB") if image.mode == "L" else image  # PIL's repeat: faster than numpy's broadcast
+    if out is None:
+        return np.array(rgb, dtype=np.uint8)
+    if out.shape != (rgb.height, rgb.width, 3) or out.dtype != np.uint8:
+        raise ValueError(f"out must be a ({rgb.height}, {rgb.width}, 3) uint8 array, not {out.shape} {out.dtype}")
+    out[...] = np.asarray(rgb)
+    return out
 
 
 def to_uint8_tensor(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:

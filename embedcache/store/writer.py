@@ -100,6 +100,7 @@ class StoreWriter:
         # (set, dataset, checksums, width) of /features and of each extra feature set (attrs["feature_sets"])
         self._columns = feature_columns({**attrs, "dim": dim})
         self.total_dim = sum(width for *_, width in self._columns)
+        self._fixed_bytes: int | None = None  # the entry's size besides its features (_bytes_needed)
         self._static = {
             "paths": list(paths),
             "labels": np.asarray(labels, dtype=np.int64),
@@ -210,8 +211,9 @@ class StoreWriter:
         """About what the rows not yet done will take on disk (features, plus the fixed columns)."""
         itemsize = np.dtype(self.store_dtype).itemsize
         todo = int(self.n - self._done.sum())
-        fixed = 40 * self.n + sum(len(p) for p in self._static["paths"]) + (1 << 20)
-        return todo * self.total_dim * itemsize + fixed
+        if self._fixed_bytes is None:  # asked before every write: the paths are summed once
+            self._fixed_bytes = 40 * self.n + sum(len(p) for p in self._static["paths"]) + (1 << 20)
+        return todo * self.total_dim * itemsize + self._fixed_bytes
 
     def _check_room(self) -> None:
         """Fail before any work when the cache's file system cannot hold the entry."""
@@ -287,9 +289,9 @@ class StoreWriter:
     def _note_underflow(self, rows: np.ndarray, features: np.ndarray, data: np.ndarray) -> None:
         """Warn (once) when most nonzero values of a batch became 0 in the stored dtype: features
         that small (|x| < 3e-8 for float16) are lost, usually those of an untrained model."""
-        nonzero = features != 0
-        lost = int(np.count_nonzero(nonzero & (data == 0)))
-        if lost and lost * 2 > int(np.count_nonzero(nonzero)):
+        zeros = int(np.count_nonzero(features == 0))
+        lost = int(np.count_nonzero(data == 0)) - zeros  # a zero stays zero: the rest became zero
+        if lost and lost * 2 > features.size - zeros:
             self._underflow_noted = True
             self.warnings.append(
                 f"Most feature values of rows {int(rows[0])}-{int(rows[-1])} are too small for {self.store_dtype} "

@@ -65,7 +65,10 @@ def case_a_cached_export_runs_without_torch_and_gives_the_same_features(tmp_path
 
 def case_throughput_mode_splits_each_batch_over_the_streams_with_the_same_features(tmp_path):
     """A model compiled for throughput runs every batch in one part per stream (so the last
-    batch of a run does not leave streams idle); the features equal one-request inference."""
+    batch of a run does not leave streams idle); the features equal one-request inference. The
+    requests read each batch in place, and the handle keeps it alive until it is waited for."""
+    import gc
+
     from embedcache.models.build import get_backbone
     from embedcache.models.openvino_backbone import OpenVINOBackbone, openvino_backbone
 
@@ -77,16 +80,20 @@ def case_throughput_mode_splits_each_batch_over_the_streams_with_the_same_featur
     rng = np.random.default_rng(0)
     size = bb.preprocess.crop_size
     batches = [rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8) for n in (8, 8, 5, 1)]
+    expected = [single.infer(images) for images in batches]
     handles = [split.start(batches[0]), split.start(batches[1])]
-    assert [len(h) for h in handles] == [2, 2]  # each batch in two parts
+    assert [len(h[0]) for h in handles] == [2, 2]  # each batch in two parts
+    assert handles[0][1] is batches[0]  # no copy
+    batches[0] = None  # the caller's last reference gone: the running requests still read it
+    gc.collect()
     got = [split.wait(handles[0])]
     handles.append(split.start(batches[2]))
     got.append(split.wait(handles[1]))
     handles.append(split.start(batches[3]))
-    assert len(handles[3]) == 1  # one row: one part
+    assert len(handles[3][0]) == 1  # one row: one part
     got += [split.wait(handles[2]), split.wait(handles[3])]
-    for images, features in zip(batches, got, strict=True):
-        assert features.dtype == np.float32 and features.shape == (len(images), bb.dim)
-        np.testing.assert_array_equal(features, single.infer(images))
+    for want, features in zip(expected, got, strict=True):
+        assert features.dtype == np.float32 and features.shape == want.shape
+        np.testing.assert_array_equal(features, want)
     split.close()
     single.close()

@@ -204,3 +204,62 @@ def test_a_gray_folder_gives_both_loops_the_pixels_of_its_rgb_copy(tmp_path):
         dataset_images = collate_images([ImageDataset(folder, SPEC)[i] for i in range(len(folder))])[1]
         np.testing.assert_array_equal(inputs[-1], dataset_images.permute(0, 2, 3, 1).numpy())
     np.testing.assert_array_equal(inputs[0], inputs[1])
+
+
+class SlowFakeModel(FakeModel):
+    """A model that takes 30 ms a batch: decoding is never what the loop waits for."""
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        threading.Event().wait(0.03)
+        return super().infer(images)
+
+
+def test_one_decoding_thread_runs_until_the_model_waits_for_images_then_more(source):
+    from embedcache.extraction.exported_loop import GROW_AFTER_WAIT_SECONDS
+
+    batches = row_batches(np.zeros(len(source), bool), 1)
+    def slow_build():  # every image decodes (ahead, within the start-up budget) while it is built
+        threading.Event().wait(0.5)
+        return SlowFakeModel([])
+
+    # decoding faster than the model: one thread all along, however many are allowed
+    out = list(run_exported_batches(slow_build, source, SPEC, batches, decoders=3))
+    assert {b.decoders for b in out} == {1}
+    assert all(b.decode_wait <= GROW_AFTER_WAIT_SECONDS for b in out)
+
+    original = source.load_pixels
+
+    def slow(index):
+        threading.Event().wait(0.02)
+        return original(index)
+
+    source.load_pixels = slow
+    # an instant model waiting on 20 ms images: a thread more after each wait, up to the limit
+    out = list(run_exported_batches(lambda: FakeModel([]), source, SPEC, batches, decoders=3))
+    sizes = [b.decoders for b in out]
+    assert sizes == sorted(sizes) and sizes[0] >= 1 and sizes[-1] == 3
+    assert [sorted(b.rows.tolist() + [i for i, _ in b.failures]) for b in out] == [sorted(r) for r in batches]
+
+
+def test_the_decode_pool_runs_jobs_in_order_and_cancels_the_rest_at_shutdown():
+    from embedcache.extraction.exported_loop import DecodePool
+
+    pool = DecodePool(limit=2)
+    assert pool.size == 1
+    gate, order = threading.Event(), []
+    first = pool.submit(gate.wait, 5)  # holds the one thread
+    rest = [pool.submit(order.append, i) for i in range(5)]
+    assert not any(f.done() for f in rest)
+    gate.set()
+    assert [f.result(5) for f in rest] == [None] * 5 and order == list(range(5)) and first.result() is True
+    failing = pool.submit(int, "not a number")
+    with pytest.raises(ValueError):
+        failing.result(5)
+    assert pool.grow() and pool.size == 2 and not pool.grow()  # at the limit
+    gate.clear()
+    blockers = [pool.submit(gate.wait, 5) for _ in range(2)]
+    queued = [pool.submit(order.append, "late") for _ in range(3)]
+    threading.Timer(0.1, gate.set).start()
+    pool.shutdown()
+    assert all(f.result() is True for f in blockers) and all(f.cancelled() for f in queued)
+    assert "late" not in order

@@ -92,7 +92,7 @@ def test_moved_dataset_is_the_same_entry(folder, tmp_path):
 
 def test_interrupted_run_resumes_to_identical_features(folder, tmp_path, monkeypatch):
     reference = run(folder, tmp_path / "ref")
-    monkeypatch.setattr(compute_mod, "COMMIT_EVERY_BATCHES", 1)
+    monkeypatch.setattr(compute_mod, "COMMIT_EVERY_SECONDS", 0.0)  # after every batch
     calls = []
 
     def interrupt(progress):

@@ -153,7 +153,7 @@ def test_a_rewritten_set_value_fails_its_block_checksum(entry):
 
 def test_an_interrupted_run_resumes_every_set(folder, tmp_path, monkeypatch):
     reference = run(folder, tmp_path / "ref", layers=LAYERS)
-    monkeypatch.setattr(compute_mod, "COMMIT_EVERY_BATCHES", 1)
+    monkeypatch.setattr(compute_mod, "COMMIT_EVERY_SECONDS", 0.0)  # after every batch
     calls = []
 
     def interrupt(progress):

@@ -43,3 +43,18 @@ def test_gray_tensor_is_three_equal_channels():
     assert tuple(tensor.shape) == (3, 16, 16)
     assert bool((tensor[0] == tensor[1]).all() and (tensor[1] == tensor[2]).all())
     assert np.array_equal(tensor[0].numpy(), np.asarray(gray))
+
+
+def test_to_uint8_array_writes_into_a_given_row_the_same_pixels():
+    from embedcache.models.preprocess import PreprocessSpec, to_uint8_array
+
+    spec = PreprocessSpec(resize_size=24, crop_size=20, interpolation="bicubic")
+    rng = np.random.default_rng(5)
+    for mode, shape in (("L", (31, 17)), ("RGB", (17, 31, 3))):
+        image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+        batch = np.zeros((2, 20, 20, 3), np.uint8)
+        assert np.shares_memory(to_uint8_array(image, spec, batch[1]), batch)
+        np.testing.assert_array_equal(batch[1], to_uint8_array(image, spec))
+        assert not batch[0].any()
+    with pytest.raises(ValueError, match=r"\(20, 20, 3\) uint8"):
+        to_uint8_array(image, spec, np.zeros((20, 20, 3), np.float32))
