@@ -20,9 +20,9 @@ import contextlib
 import functools
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator
-from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from embedcache.errors import ConfigError
@@ -341,10 +341,43 @@ def reuse_freed_memory() -> Iterator[bool]:
         libc.malloc_trim(0)
 
 
+@functools.cache
 def package_version(name: str) -> str:
-    """The installed version of distribution ``name`` from its metadata (nothing is imported),
-    or ``unknown`` (e.g. running from a checkout that is not installed)."""
+    """The installed version of distribution ``name`` (nothing of it is imported), or ``unknown``
+    (e.g. running from a checkout that is not installed).
+
+    Read from the ``<name>-<version>.dist-info`` directory names on ``sys.path`` (the names
+    installers write, PyPA's "Recording installed projects"; the first on the path wins, as for
+    imports), else from :mod:`importlib.metadata`, whose import alone took 25 ms of every
+    command's start-up (the dist-info scan: 0.4 ms)."""
+    version = _dist_info_versions().get(_normalized(name))
+    if version:
+        return version
+    from importlib import metadata
+
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+@functools.cache
+def _dist_info_versions() -> dict[str, str]:
+    """``{normalized name: version}`` of the ``.dist-info`` directories on ``sys.path``."""
+    found: dict[str, str] = {}
+    for entry in sys.path:
+        try:
+            listing = os.scandir(entry or ".")
+        except OSError:
+            continue
+        with listing:
+            for item in listing:
+                if item.name.endswith(".dist-info"):
+                    name, _, version = item.name[: -len(".dist-info")].partition("-")
+                    if version:
+                        found.setdefault(_normalized(name), version)
+    return found

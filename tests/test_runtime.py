@@ -258,3 +258,24 @@ def test_a_module_returning_its_input_does_not_see_the_next_batch(tmp_path):
     outs = [b.outputs for b in run_batches(AsIs(), dataset, batches, device=cpu, precision="fp32", workers=0)]
     fresh = [AsIs()(model_input(collate_images([dataset[i] for i in rows])[1], cpu, spec)).numpy() for rows in batches]
     assert all((a == b).all() for a, b in zip(outs, fresh, strict=True))
+
+
+def test_package_versions_come_from_dist_info_names_as_importlib_metadata_reads_them(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    from embedcache import runtime
+
+    for name in ("numpy", "h5py", "Pillow", "scikit-learn", "torch", "embedcache"):
+        assert runtime.package_version(name) == metadata.version(name), name
+    runtime.package_version.cache_clear()
+    runtime._dist_info_versions.cache_clear()
+    (tmp_path / "first" / "Fancy.Name_here-3.1.4rc1.dist-info").mkdir(parents=True)
+    (tmp_path / "later" / "fancy_name_here-9.9.dist-info").mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(tmp_path / "later"))
+    monkeypatch.syspath_prepend(str(tmp_path / "first"))  # before "later" on the path: it wins
+    try:
+        assert runtime.package_version("fancy-name.here") == "3.1.4rc1"
+        assert runtime.package_version("no-such-distribution-anywhere") == "unknown"
+    finally:
+        runtime.package_version.cache_clear()
+        runtime._dist_info_versions.cache_clear()

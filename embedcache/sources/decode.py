@@ -47,8 +47,9 @@ def decode_image(path_or_file: str | os.PathLike | bytes | io.IOBase, *, keep_gr
     """
     if isinstance(path_or_file, (bytes, bytearray, memoryview)):
         path_or_file = io.BytesIO(bytes(path_or_file))
+    is_path = isinstance(path_or_file, (str, os.PathLike))
     try:
-        if _is_empty(path_or_file):
+        if not is_path and _is_empty(path_or_file):  # a path is checked only when Pillow fails
             raise DecodeError("empty file")
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its limit; that case must fail too.
@@ -62,13 +63,16 @@ def decode_image(path_or_file: str | os.PathLike | bytes | io.IOBase, *, keep_gr
                     )
                 image.seek(0)
                 image.load()
-                ImageOps.exif_transpose(image, in_place=True)
+                if _may_be_oriented(image):
+                    ImageOps.exif_transpose(image, in_place=True)
                 return to_rgb(image, keep_gray=keep_gray)  # a new image: closing the file keeps it
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(f"decompression bomb: {exc}") from None
     except UnidentifiedImageError:
+        if is_path and _is_empty(path_or_file):
+            raise DecodeError("empty file") from None
         raise DecodeError("not an image (cannot identify format)") from None
     except OSError as exc:
         text = str(exc)
@@ -79,6 +83,20 @@ def decode_image(path_or_file: str | os.PathLike | bytes | io.IOBase, *, keep_gr
         raise DecodeError(f"corrupt image ({text})") from None
     except (ValueError, SyntaxError, EOFError, IndexError, TypeError, MemoryError) as exc:
         raise DecodeError(f"corrupt image ({type(exc).__name__}: {exc})") from None
+
+
+#: Formats whose orientation Pillow reads only from these ``info`` keys (EXIF, raw EXIF profile,
+#: XMP) once the image is loaded: without any of them there is nothing to transpose.
+_ORIENTATION_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+_INFO_ORIENTED = frozenset({"PNG", "JPEG", "WEBP"})
+
+
+def _may_be_oriented(image: Image.Image) -> bool:
+    """Whether :func:`PIL.ImageOps.exif_transpose` could change ``image`` (a loaded image). The
+    call costs ~6 µs for a small PNG, 4 % of its decoding, and finds nothing in almost every one."""
+    if image.format not in _INFO_ORIENTED:
+        return True
+    return any(key in image.info for key in _ORIENTATION_KEYS)
 
 
 def _is_empty(path_or_file) -> bool:

@@ -108,7 +108,9 @@ def test_entry_point_plugins_are_found(monkeypatch):
 
             return tiny_factory
 
-    monkeypatch.setattr(catalog.metadata, "entry_points", lambda group: [FakeEntryPoint()] if group == catalog.ENTRY_POINT_GROUP else [])
+    from importlib import metadata
+
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [FakeEntryPoint()] if group == catalog.ENTRY_POINT_GROUP else [])
     assert build.get_backbone("plugin-tiny").dim == 8
     assert "plugin-tiny" in {r.name for r in catalog.list_backbones(with_torchvision_dims=False)}
 

@@ -111,6 +111,44 @@ def test_decode_cmyk_jpeg_close_to_red(tmp_path):
     assert r > 240 and g < 15 and b < 15
 
 
+@pytest.mark.parametrize("form", ["png-exif", "png-xmp", "png-raw", "webp-exif", "jpeg-xmp", "gif-plain"])
+def test_every_way_a_format_records_orientation_is_applied_as_pillow_does(tmp_path, form):
+    """decode_image skips Pillow's exif_transpose for PNG, JPEG and WebP images that carry no
+    EXIF, raw EXIF profile or XMP; every image that does is transposed exactly as Pillow would."""
+    from PIL import ImageOps, PngImagePlugin
+
+    pixels = np.random.default_rng(3).integers(0, 256, (8, 16, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    xmp = '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="8"/></x:xmpmeta>'
+    kind, how = form.split("-")
+    path = tmp_path / f"image.{kind}"
+    if how == "exif":
+        image.save(path, exif=exif, **({"lossless": True} if kind == "webp" else {}))
+    elif how == "xmp" and kind == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", xmp)
+        image.save(path, pnginfo=info)
+    elif how == "xmp":
+        image.save(path, xmp=xmp.encode(), quality=95)
+    elif how == "raw":
+        info = PngImagePlugin.PngInfo()
+        data = exif.tobytes()
+        info.add_text("Raw profile type exif", f"\nexif\n{len(data):8}\n{data.hex()}\n")
+        image.save(path, pnginfo=info)
+    else:
+        image.save(path)
+    with Image.open(path) as reference:
+        reference.load()
+        expected = ImageOps.exif_transpose(reference).convert("RGB")
+    if how != "plain":
+        assert expected.size == (8, 16)  # the reference itself is rotated: the case is real
+    decoded = decode_image(path)
+    assert decoded.size == expected.size
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(expected))
+
+
 def test_decode_applies_exif_orientation(tmp_path):
     image = Image.new("RGB", (16, 8), (0, 0, 255))
     image.paste((255, 0, 0), (0, 0, 8, 8))  # left half red
