@@ -6,7 +6,9 @@ Exports live in ``<cache_dir>/exports/<key16><suffix>/`` (the model's files and 
 with the sha256 of each), keyed by the backbone's identity (weights hash, layer, pool,
 preprocessing), the runtime's and torch's versions (:func:`export_identity`). A directory is
 written under a temporary name and renamed into place (:func:`cached_export`); one whose files
-are links or fail their sha256 is rebuilt, never trusted. Because the key is the backbone's
+are links or fail their sha256 is rebuilt, never trusted. A check that hashed every file is
+remembered in ``.verified.json`` (each file's size, mtime, ctime, inode and device): while none of
+them changes, later runs skip the hashing (resnet50's 94 MB of weights: ~0.1 s of every start-up). Because the key is the backbone's
 identity, not the built model, a later extraction finds a valid export without building (or
 importing) torch at all (:func:`find_export`).
 """
@@ -14,11 +16,13 @@ importing) torch at all (:func:`find_export`).
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,12 @@ from embedcache.models.runtimes import major_minor
 
 #: The record written beside the model's files.
 RECORD = "export.json"
+#: What a check that hashed every file remembers (:func:`valid_export`).
+VERIFIED = ".verified.json"
+#: A check is remembered only for files last changed at least this long before it: a file
+#: written within a timestamp's granularity (1-2 s on some file systems) could change again
+#: without its times showing it.
+VERIFIED_MARGIN_SECONDS = 2.0
 
 
 def export_identity(spec: BackboneSpec, runtime: str, *, export_version: int) -> dict[str, Any]:
@@ -56,12 +66,59 @@ def valid_export(directory: Path, identity: dict[str, Any], files: Sequence[str]
         meta = json.loads(record.read_text())
         if meta.get("identity") != identity:
             return False
+        stamps = _stamps(directory, files)
+        if stamps is None:
+            return False
+        if _remembered(directory) == stamps:  # hashed before, and nothing changed since
+            return True
         for name in files:
-            if not is_plain_file(directory / name) or sha256_file(directory / name) != meta["sha256"][name]:
+            if sha256_file(directory / name) != meta["sha256"][name]:
                 return False
     except (OSError, ValueError, KeyError, TypeError):
         return False
+    _remember(directory, stamps)
     return True
+
+
+def _stamps(directory: Path, files: Sequence[str]) -> dict[str, list[int]] | None:
+    """``{name: [size, mtime_ns, ctime_ns, inode, device]}`` of the record and ``files``, or None
+    when one is not a plain file. A write, a rename over it or ``utime`` changes the ctime."""
+    stamps = {}
+    for name in (RECORD, *files):
+        if not is_plain_file(directory / name):
+            return None
+        info = os.lstat(directory / name)
+        stamps[name] = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev]
+    return stamps
+
+
+def _remembered(directory: Path) -> dict[str, list[int]] | None:
+    path = directory / VERIFIED
+    if not is_plain_file(path):
+        return None
+    try:
+        remembered = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return remembered if isinstance(remembered, dict) else None
+
+
+def _remember(directory: Path, stamps: dict[str, list[int]]) -> None:
+    """Record a check that hashed every file (best effort: a read-only cache is hashed each time)."""
+    newest = max(max(stamp[1], stamp[2]) for stamp in stamps.values())
+    if time.time_ns() - newest < VERIFIED_MARGIN_SECONDS * 1e9:
+        return
+    tmp = None
+    try:
+        handle, tmp = tempfile.mkstemp(prefix=".verified.", dir=directory)
+        with os.fdopen(handle, "w") as out:
+            json.dump(stamps, out)
+        os.chmod(tmp, new_file_mode())
+        os.replace(tmp, directory / VERIFIED)
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def publish_export(target: Path, identity: dict[str, Any], files: Sequence[str],
