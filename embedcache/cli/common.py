@@ -39,7 +39,9 @@ runtime_option = click.option(
 batch_size_option = click.option("--batch-size", type=int, default=64, show_default=True,
                                  help="Images per forward pass (not in the cache key).")
 workers_option = click.option("--workers", type=int, default=None,
-                              help="Decoding processes (default: cores - 1; 0 = in-process).")
+                              help="Decoding processes (default: cores - 1; 0 = in-process). With a cached "
+                                   "OpenVINO/ONNX export, threads decode instead: one, and one more each time "
+                                   "the model waits, up to --threads (0 = in-process).")
 
 
 def _threads_value(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
