@@ -3,12 +3,12 @@
 When the runtime is OpenVINO or ONNX Runtime and the backbone's export is already in the cache
 directory (exported by an earlier run: once per backbone configuration), nothing of torch is
 needed: the export is found from the backbone's remembered identity
-(:func:`find_cached_export`), images are decoded to uint8 HWC arrays, straight into their batch's array, by decoding
-threads (PIL releases the GIL while it decodes and resizes; :class:`DecodePool`: one thread
-to begin with, another each time the model had to wait for a batch) running
-:data:`PREFETCH_BATCHES` batches ahead of the model, and the runtime is compiled while the first
-batches decode (with a longer lead
-then, :func:`startup_lead`, so that the other cores do not idle). A runtime that runs several
+(:func:`find_cached_export`), images are decoded to uint8 HWC arrays, straight into their
+batch's array, by decoding threads (PIL releases the GIL while it decodes and resizes;
+:class:`DecodePool`: one thread to begin with, another each time the model had to wait for a
+batch) running :data:`PREFETCH_BATCHES` batches ahead of the model, and the runtime is compiled
+while the first batches decode (with a longer lead then, :func:`startup_lead`, so that the other
+cores do not idle). A runtime that runs several
 batches side by side (OpenVINO compiled for throughput: each batch split over its streams) is
 kept fed with that many batches in flight; they are collected in order. The batches, the
 decoding and the export are the ones the DataLoader loop uses, so the features are the same,
