@@ -257,8 +257,15 @@ def test_the_decode_pool_runs_jobs_in_order_and_cancels_the_rest_at_shutdown():
         failing.result(5)
     assert pool.grow() and pool.size == 2 and not pool.grow()  # at the limit
     gate.clear()
-    blockers = [pool.submit(gate.wait, 5) for _ in range(2)]
+    running = threading.Semaphore(0)
+
+    def blocker():
+        running.release()
+        return gate.wait(5)
+
+    blockers = [pool.submit(blocker) for _ in range(2)]
     queued = [pool.submit(order.append, "late") for _ in range(3)]
+    assert running.acquire(timeout=5) and running.acquire(timeout=5)  # both threads hold a blocker
     threading.Timer(0.1, gate.set).start()
     pool.shutdown()
     assert all(f.result() is True for f in blockers) and all(f.cancelled() for f in queued)
