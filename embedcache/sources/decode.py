@@ -71,7 +71,7 @@ def decode_image(path_or_file: str | os.PathLike | bytes | io.IOBase, *, keep_gr
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(f"decompression bomb: {exc}") from None
     except UnidentifiedImageError:
-        if is_path and _is_empty(path_or_file):
+        if is_path and _empty_path(path_or_file):
             raise DecodeError("empty file") from None
         raise DecodeError("not an image (cannot identify format)") from None
     except OSError as exc:
@@ -85,8 +85,8 @@ def decode_image(path_or_file: str | os.PathLike | bytes | io.IOBase, *, keep_gr
         raise DecodeError(f"corrupt image ({type(exc).__name__}: {exc})") from None
 
 
-#: Formats whose orientation Pillow reads only from these ``info`` keys (EXIF, raw EXIF profile,
-#: XMP) once the image is loaded: without any of them there is nothing to transpose.
+#: Pillow reads the orientation of images of these formats only from these ``info`` keys (EXIF,
+#: a raw EXIF profile, XMP) once they are loaded: without any of them there is nothing to transpose.
 _ORIENTATION_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
 _INFO_ORIENTED = frozenset({"PNG", "JPEG", "WEBP"})
 
@@ -97,6 +97,14 @@ def _may_be_oriented(image: Image.Image) -> bool:
     if image.format not in _INFO_ORIENTED:
         return True
     return any(key in image.info for key in _ORIENTATION_KEYS)
+
+
+def _empty_path(path: str | os.PathLike) -> bool:
+    """Whether the file at ``path`` is empty (False when it cannot be read: the error says so)."""
+    try:
+        return os.stat(path).st_size == 0
+    except OSError:
+        return False
 
 
 def _is_empty(path_or_file) -> bool:
