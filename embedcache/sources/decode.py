@@ -49,7 +49,7 @@ def decode_image(path_or_file: str | os.PathLike | bytes | io.IOBase, *, keep_gr
         path_or_file = io.BytesIO(bytes(path_or_file))
     is_path = isinstance(path_or_file, (str, os.PathLike))
     try:
-        if not is_path and _is_empty(path_or_file):  # a path is checked only when Pillow fails
+        if not is_path and _stream_is_empty(path_or_file):  # a path is checked only when Pillow fails
             raise DecodeError("empty file")
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its limit; that case must fail too.
@@ -107,13 +107,12 @@ def _empty_path(path: str | os.PathLike) -> bool:
         return False
 
 
-def _is_empty(path_or_file) -> bool:
-    if isinstance(path_or_file, (str, os.PathLike)):
-        return os.stat(path_or_file).st_size == 0
-    if hasattr(path_or_file, "seek") and hasattr(path_or_file, "tell"):
-        start = path_or_file.tell()
-        end = path_or_file.seek(0, os.SEEK_END)
-        path_or_file.seek(start)
+def _stream_is_empty(stream) -> bool:
+    """Whether a file object has nothing left from its position (checked before Pillow reads it)."""
+    if hasattr(stream, "seek") and hasattr(stream, "tell"):
+        start = stream.tell()
+        end = stream.seek(0, os.SEEK_END)
+        stream.seek(start)
         return end == start
     return False
 
