@@ -10,6 +10,7 @@ versions.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,8 +38,10 @@ MAX_REQUESTS = 8
 
 def _export(bb: Backbone, directory: Path) -> None:
     """Convert the folded backbone and save it into ``directory``."""
-    import openvino as ov
     import torch
+
+    ov = _import_ov()
+    from openvino.tools.ovc import convert_model  # the converter (and its telemetry): exporting only
 
     from embedcache.models.exports import exportable
 
@@ -46,7 +49,7 @@ def _export(bb: Backbone, directory: Path) -> None:
     size = bb.preprocess.crop_size
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on shape arithmetic, fixed by the static input
-        model = ov.convert_model(wrapped, example_input=example, input=[ov.PartialShape([-1, size, size, 3])])
+        model = convert_model(wrapped, example_input=example, input=[ov.PartialShape([-1, size, size, 3])])
     ov.save_model(model, str(directory / "model.xml"), compress_to_fp16=False)
 
 
@@ -108,12 +111,52 @@ def _output(request: Any) -> np.ndarray:
     return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
 
-def _import_ov() -> Any:
+#: The model converter that ``import openvino`` loads last (it tolerates its absence): held back
+#: by :func:`_import_ov`.
+_CONVERTER = "openvino.tools.ovc"
+
+
+def _import_ov(*, hold_back: bool = True) -> Any:
+    """``import openvino``, without its model converter unless something imported that already.
+
+    The package's ``__init__`` ends by importing ``openvino.tools.ovc`` for ``convert_model``, and
+    that import scans the installed distributions and sends a usage event (OpenVINO's telemetry:
+    on unless opted out; a forked process posting to the network, from a background thread the
+    interpreter joins at exit). Running a compiled export needs none of it: held back, the import
+    takes ~45 ms less of every start-up, and nothing leaves the machine. ``openvino.convert_model``
+    still works: the package gets a module ``__getattr__`` that imports the converter on first use
+    (:func:`_export` imports it directly).
+    """
+    held_back = hold_back and _CONVERTER not in sys.modules and "openvino" not in sys.modules
+    if held_back:
+        sys.modules[_CONVERTER] = None  # type: ignore[assignment]  # its import fails; openvino catches that
     try:
         import openvino as ov
     except ImportError as exc:
+        if held_back:  # an openvino that cannot do without it (or none installed): the plain import
+            _release_converter()
+            return _import_ov(hold_back=False)
         raise ConfigError(f"runtime='openvino' needs the openvino package: {INSTALL_OPENVINO}.") from exc
+    finally:
+        if held_back:
+            _release_converter()
+    if held_back and not hasattr(ov, "convert_model") and not hasattr(ov, "__getattr__"):
+        ov.__getattr__ = _lazy_converter
     return ov
+
+
+def _release_converter() -> None:
+    if _CONVERTER in sys.modules and sys.modules[_CONVERTER] is None:
+        del sys.modules[_CONVERTER]
+
+
+def _lazy_converter(name: str) -> Any:
+    """``openvino``'s module ``__getattr__`` after :func:`_import_ov`: ``convert_model`` on demand."""
+    if name == "convert_model":
+        from openvino.tools.ovc import convert_model
+
+        return convert_model
+    raise AttributeError(f"module 'openvino' has no attribute {name!r}")
 
 
 def _check_precision(precision: str) -> None:

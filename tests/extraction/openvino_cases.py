@@ -97,3 +97,29 @@ def case_throughput_mode_splits_each_batch_over_the_streams_with_the_same_featur
         np.testing.assert_array_equal(features, want)
     split.close()
     single.close()
+
+
+def case_the_real_package_is_imported_without_its_converter_or_telemetry(tmp_path):
+    """A new interpreter (HOME in tmp_path: OpenVINO's telemetry keeps its counter and client id
+    under ~/intel) imports openvino through embedcache: no converter, no telemetry module, nothing
+    written under HOME, a working Core; and convert_model is still there (looking it up imports
+    the converter, telemetry included: exporting is OpenVINO's own business)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import json, os, sys
+from embedcache.models.openvino_backbone import _import_ov
+ov = _import_ov()
+held = {"ovc": "openvino.tools.ovc" in sys.modules, "telemetry": "openvino_telemetry" in sys.modules,
+        "devices": "CPU" in ov.Core().available_devices, "home": os.listdir(os.environ["HOME"])}
+print(json.dumps({**held, "convert_model": ov.convert_model.__module__}))
+"""
+    env = {**os.environ, "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got == {"ovc": False, "telemetry": False, "devices": True, "home": [],
+                   "convert_model": "openvino.tools.ovc.convert"}
