@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,10 @@ def progress_bar(postfix: Callable[[Any], str] = lambda p: f"{p.images_per_s:.0f
     ``total``, ...). A new ``phase(p)`` (an epoch) starts a new, transient bar labelled with it."""
     from tqdm import tqdm
 
+    if not hasattr(tqdm, "_lock"):
+        # tqdm's default lock holds a multiprocessing one too (importing multiprocessing, ~8 ms, and
+        # a semaphore) for bars written from several processes; ours are written by one process
+        tqdm.set_lock(threading.RLock())
     state: dict[str, Any] = {}
 
     def close() -> None:
