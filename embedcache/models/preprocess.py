@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from embedcache.errors import ConfigError
+from embedcache.models.crop_resize import exact_crop_box
 
 if TYPE_CHECKING:
     import torch
@@ -125,13 +126,17 @@ def to_uint8_array(image: Image.Image, spec: PreprocessSpec, out: np.ndarray | N
     new_short = spec.resize_size
     new_long = int(spec.resize_size * long / short)
     new_size = (new_short, new_long) if width <= height else (new_long, new_short)
-    if new_size != image.size:
-        image = image.resize(new_size, PIL_INTERPOLATION[spec.interpolation])
-    width, height = image.size
     crop = spec.crop_size
-    left = int(round((width - crop) / 2.0))
-    top = int(round((height - crop) / 2.0))
-    return rgb_array(image, out, box=(left, top, left + crop, top + crop))
+    left = int(round((new_size[0] - crop) / 2.0))
+    top = int(round((new_size[1] - crop) / 2.0))
+    box = (left, top, left + crop, top + crop)
+    if new_size == image.size:
+        return rgb_array(image, out, box=box)
+    boxed = exact_crop_box(image.size, new_size, box, spec.interpolation)
+    if boxed is not None:  # only (about) the crop is resampled, to the same pixels (crop_resize.py)
+        size, source, after = boxed
+        return rgb_array(image.resize(size, PIL_INTERPOLATION[spec.interpolation], box=source), out, box=after)
+    return rgb_array(image.resize(new_size, PIL_INTERPOLATION[spec.interpolation]), out, box=box)
 
 
 def rgb_array(image: Image.Image, out: np.ndarray | None = None,
