@@ -40,10 +40,11 @@ def _export(bb: Backbone, directory: Path) -> None:
     """Convert the folded backbone and save it into ``directory``."""
     import torch
 
-    ov = _import_ov()
-    from openvino.tools.ovc import convert_model  # the converter (and its telemetry): exporting only
-
     from embedcache.models.exports import exportable
+
+    ov = _import_ov()
+    # the converter (and the telemetry its import sends, as OpenVINO's settings say): exporting only
+    from openvino.tools.ovc import convert_model
 
     wrapped, example = exportable(bb)
     size = bb.preprocess.crop_size

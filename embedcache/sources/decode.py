@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -51,21 +50,21 @@ def decode_image(path_or_file: str | os.PathLike | bytes | io.IOBase, *, keep_gr
     try:
         if not is_path and _stream_is_empty(path_or_file):  # a path is checked only when Pillow fails
             raise DecodeError("empty file")
-        with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x its limit; that case must fail too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path_or_file) as image:
-                width, height = image.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise DecodeError(
-                        f"decompression bomb: {width}x{height} pixels exceeds the limit of "
-                        f"{MAX_IMAGE_PIXELS}"
-                    )
-                image.seek(0)
-                image.load()
-                if _may_be_oriented(image):
-                    ImageOps.exif_transpose(image, in_place=True)
-                return to_rgb(image, keep_gray=keep_gray)  # a new image: closing the file keeps it
+        # Our limit, checked before any pixel is decoded, whatever Pillow's: between 1x and 2x its
+        # own limit Pillow only warns (and that warning is left alone: catching it would change the
+        # process's warning filters, which no thread can do safely while others decode).
+        with Image.open(path_or_file) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise DecodeError(
+                    f"decompression bomb: {width}x{height} pixels exceeds the limit of "
+                    f"{MAX_IMAGE_PIXELS}"
+                )
+            image.seek(0)
+            image.load()
+            if _may_be_oriented(image):
+                ImageOps.exif_transpose(image, in_place=True)
+            return to_rgb(image, keep_gray=keep_gray)  # a new image: closing the file keeps it
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -9,7 +9,12 @@ from PIL import Image
 
 from embedcache.models import crop_resize
 from embedcache.models.crop_resize import exact_crop_box
-from embedcache.models.preprocess import PIL_INTERPOLATION, PreprocessSpec, rgb_array, to_uint8_array
+from embedcache.models.preprocess import (
+    PIL_INTERPOLATION,
+    PreprocessSpec,
+    rgb_array,
+    to_uint8_array,
+)
 
 
 def whole_then_crop(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -201,8 +202,10 @@ def test_decode_errors_are_short(tmp_path, name, write, message):
     path = tmp_path / name
     write(path)
     before = Image.MAX_IMAGE_PIXELS
-    with pytest.raises(DecodeError, match=message):
-        decode_image(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # Pillow's, for warn_bomb.png
+        with pytest.raises(DecodeError, match=message):
+            decode_image(path)
     assert before == Image.MAX_IMAGE_PIXELS  # global state untouched
 
 
@@ -271,3 +274,36 @@ def test_keep_gray_image_outlives_its_file(tmp_path):
     kept = decode_image(path, keep_gray=True)
     path.unlink()
     assert kept.getpixel((3, 3)) == 100 and kept.copy().size == (8, 8)
+
+
+def test_decoding_never_touches_the_warning_filters(tmp_path):
+    """warnings.catch_warnings is not thread-safe (two decoding threads could leave its filter
+    installed for the whole process): decoding, even of a bomb Pillow only warns about, leaves
+    the filters as they were."""
+    import threading
+
+    bomb = tmp_path / "warn_bomb.png"
+    bomb.write_bytes(png_with_size(10_000, 10_000))
+    good = save(solid(), tmp_path / "a.png")
+    before = list(warnings.filters)
+    failures = []
+
+    def work():
+        for _ in range(20):
+            decode_image(good)
+            try:
+                decode_image(bomb)
+            except DecodeError as exc:
+                failures.append(str(exc))
+
+    with warnings.catch_warnings(record=True):  # Pillow's own warning, shown to the user as usual
+        warnings.simplefilter("always")
+        inside = list(warnings.filters)
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert list(warnings.filters) == inside
+    assert list(warnings.filters) == before
+    assert len(failures) == 80 and all(f.startswith("decompression bomb") for f in failures)
