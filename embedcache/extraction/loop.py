@@ -21,6 +21,7 @@ import torch
 
 from embedcache.errors import ConfigError
 from embedcache.extraction.batches import Batch, Progress, decode_row, row_batches
+from embedcache.extraction.cuda_overlap import cuda_stages, overlapped
 from embedcache.models.backbone import Backbone
 from embedcache.models.fuse import fold_batchnorms
 from embedcache.models.preprocess import PreprocessSpec, normalize_batch, to_uint8_tensor
@@ -168,6 +169,10 @@ def run_batches(module: Any | Deferred, dataset: ImageDataset, batches: Sequence
     reuse = reuse_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
     try:
         with reuse, torch.inference_mode(), autocast(device, precision):
+            if device.type == "cuda" and not getattr(module, "takes_uint8", False):
+                # one batch ahead: uploads overlap the forward passes, features come back async
+                yield from overlapped(loader, *cuda_stages(device, lambda x: module(model_input(x, device, dataset.spec))))
+                return
             while True:
                 waiting = time.perf_counter()
                 item = next(loader, None)  # in-process decoding (workers=0) is all waiting
