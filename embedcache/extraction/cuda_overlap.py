@@ -36,19 +36,19 @@ def overlapped(items: Iterator[tuple[Any, Any, list[tuple[int, str]]]], upload: 
     failures)``, as the DataLoader gives them), in order, each batch's stages a step apart (see
     the module docstring). A batch with no good image goes through without stages."""
 
-    def fetch() -> tuple[Any, Any, list[tuple[int, str]], float, Any] | None:
+    def fetch() -> tuple[Any, list[tuple[int, str]], float, Any] | None:
         waiting = time.perf_counter()
         item = next(items, None)
         if item is None:
             return None
         indices, images, failures = item
         wait = time.perf_counter() - waiting
-        return indices, images, failures, wait, upload(images) if len(indices) else None
+        return indices, failures, wait, upload(images) if len(indices) else None
 
     pending: tuple[Any, list[tuple[int, str]], float, Any] | None = None
     current = fetch()
     while current is not None:
-        indices, _images, failures, wait, staged = current
+        indices, failures, wait, staged = current
         result = compute(staged) if staged is not None else None
         current = fetch()  # the next batch's upload is queued behind this forward pass
         if pending is not None:
